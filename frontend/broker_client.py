@@ -1,0 +1,128 @@
+"""The frontend's side of the IPC: many calls in flight over one ZeroMQ connection, matched by id.
+
+ZeroMQ reconnects by itself when the broker restarts. While no broker is connected a call fails at once
+(ZMQ_IMMEDIATE: nothing is queued for a peer that is not there), and calls in flight when the connection
+drops fail at once too, so the apiserver gets UNAVAILABLE instead of waiting out its deadline.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from keysealer.shared import ipc_schema
+from keysealer.shared.errors import ErrorCode, KeySealerError
+
+log = logging.getLogger(__name__)
+
+_NOT_CONNECTED = "broker unreachable"
+R = TypeVar("R")
+
+
+class BrokerClient:
+    def __init__(self, socket_path: Path) -> None:
+        self._endpoint = f"ipc://{socket_path}"
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        for option, value in (
+            (zmq.LINGER, 0),
+            (zmq.IMMEDIATE, 1),
+            (zmq.MAXMSGSIZE, ipc_schema.MAX_FRAME),
+            (zmq.RECONNECT_IVL, 100),
+            (zmq.RECONNECT_IVL_MAX, 1000),
+            (zmq.SNDHWM, 100_000),
+            (zmq.RCVHWM, 100_000),
+        ):
+            self._socket.setsockopt(option, value)
+        self._pending: dict[int, asyncio.Future[ipc_schema.Reply]] = {}
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.connected = False
+
+    async def start(self) -> None:
+        monitor = self._socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._socket.connect(self._endpoint)
+        self._tasks = [asyncio.create_task(self._read_replies()), asyncio.create_task(self._watch(monitor))]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._socket.disable_monitor()
+        self._socket.close()
+        self._context.term()
+
+    async def wrap(self, plaintext: bytes, timeout: float) -> ipc_schema.WrapResult:
+        reply = await self._call(lambda i, ttl: ipc_schema.WrapRequest(i, ttl, plaintext), timeout)
+        return _expect(reply, ipc_schema.WrapResult)
+
+    async def unwrap(self, ciphertext: bytes, key_id: str, timeout: float) -> ipc_schema.UnwrapResult:
+        reply = await self._call(lambda i, ttl: ipc_schema.UnwrapRequest(i, ttl, ciphertext, key_id), timeout)
+        return _expect(reply, ipc_schema.UnwrapResult)
+
+    async def health(self, timeout: float) -> ipc_schema.HealthResult:
+        reply = await self._call(ipc_schema.HealthRequest, timeout)
+        return _expect(reply, ipc_schema.HealthResult)
+
+    async def _call(self, build: Callable[[int, int], ipc_schema.Request], timeout: float) -> ipc_schema.Reply:
+        """Send one request; raises KeySealerError, or TimeoutError when no reply came in time."""
+        request_id = next(self._ids)
+        frame = ipc_schema.encode_request(build(request_id, max(1, int(timeout * 1000))))
+        future: asyncio.Future[ipc_schema.Reply] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            try:
+                await self._socket.send(frame, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                raise KeySealerError(ErrorCode.BROKER_UNAVAILABLE, _NOT_CONNECTED) from None
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            # A reply arriving after this is discarded by _read_replies: nobody waits for it.
+            self._pending.pop(request_id, None)
+
+    async def _read_replies(self) -> None:
+        while True:
+            frame = await self._socket.recv()
+            try:
+                reply = ipc_schema.decode_reply(frame)
+            except ipc_schema.SchemaError as exc:
+                log.warning("dropped a malformed reply from the broker: %s", exc)
+                continue
+            future = self._pending.pop(reply.id, None)
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self.connected = True
+                log.info("connected to the broker")
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                log.warning("lost the connection to the broker")
+                self._fail_pending("lost the connection to the broker")
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(KeySealerError(ErrorCode.BROKER_UNAVAILABLE, reason))
+
+
+def _expect(reply: ipc_schema.Reply, kind: type[R]) -> R:
+    if isinstance(reply, ipc_schema.ErrorReply):
+        raise KeySealerError(reply.code, reply.message)
+    if not isinstance(reply, kind):
+        raise KeySealerError(ErrorCode.INTERNAL, "broker answered with the wrong operation")
+    return reply

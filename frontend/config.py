@@ -1,0 +1,51 @@
+"""The frontend's YAML config (every field is described in docs/configuration.md)."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keysealer.shared.config_loader import ConfigError, bounded, load_config
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    socket: Path
+    # 0600 by default: only the frontend's own user; 0660 with `group` for the apiserver's group.
+    mode: str = dataclasses.field(default="0600", metadata={"choices": ("0600", "0660")})
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class BrokerLinkConfig:
+    socket: Path
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    # Below the apiserver's 3 s default, so the apiserver always gets our answer rather than its timeout.
+    call_timeout_seconds: float = bounded(2.5, 0.05, 60.0)
+    # Encrypt/Decrypt calls at once; more are refused with RESOURCE_EXHAUSTED instead of queueing.
+    max_in_flight: int = bounded(512, 1, 100_000)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    # How often a real wrap and unwrap go through broker and token.
+    probe_interval_seconds: float = bounded(5.0, 0.1, 300.0)
+    # Status stays "ok" this long after the last good probe while later probes only timed out (load).
+    max_age_seconds: float = bounded(30.0, 1.0, 3600.0)
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    listen: ListenConfig
+    broker: BrokerLinkConfig
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+
+def load_frontend_config(path: Path) -> FrontendConfig:
+    config = load_config(path, FrontendConfig)
+    if config.listen.mode == "0660" and config.listen.group is None:
+        raise ConfigError(f"{path}: listen.group: required when listen.mode is 0660")
+    return config

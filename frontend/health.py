@@ -1,0 +1,112 @@
+"""The health the frontend reports in Status, from real wrap/unwrap probes through broker and token.
+
+A background task probes every few seconds; Status only reads the cached result, so polling and load never
+hammer the token and a Status call never waits behind a slow probe.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from keysealer.frontend.broker_client import BrokerClient
+from keysealer.frontend.config import HealthConfig
+from keysealer.shared.errors import ErrorCode, KeySealerError
+
+log = logging.getLogger(__name__)
+
+PROBE_SEED_BYTES = 32
+# Failures that say nothing about the token, only that the broker is loaded: tolerated up to max_age.
+_SOFT_FAILURES = frozenset({ErrorCode.BUSY})
+# A missing key_id is looked up again at most this often, so bad requests cannot flood the broker.
+KEY_REFRESH_MIN_SECONDS = 1.0
+UNHEALTHY_RETRY_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    healthy: bool
+    reason: str  # "ok", or why not: shown by the apiserver, so short and never secret
+    key_id: str
+
+
+class HealthMonitor:
+    def __init__(self, client: BrokerClient, config: HealthConfig, call_timeout: float) -> None:
+        self._client = client
+        self._config = config
+        self._timeout = call_timeout
+        self._key_id = ""
+        self._known_key_ids: frozenset[str] = frozenset()
+        self._keys_refreshed = 0.0
+        self._last_success = float("-inf")
+        self._failure: str | None = "starting: first health probe pending"
+        self._failure_is_soft = False
+        self._refresh: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def current(self) -> Health:
+        fresh = time.monotonic() - self._last_success <= self._config.max_age_seconds
+        if fresh and (self._failure is None or self._failure_is_soft):
+            return Health(True, "ok", self._key_id)
+        return Health(False, self._failure or "no recent successful health probe", self._key_id)
+
+    async def is_known_key(self, key_id: str) -> bool:
+        """Whether the token holds this key; an id not seen yet triggers one coalesced lookup (rotation)."""
+        if key_id in self._known_key_ids:
+            return True
+        if time.monotonic() - self._keys_refreshed >= KEY_REFRESH_MIN_SECONDS:
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.create_task(self._refresh_keys())
+            with contextlib.suppress(KeySealerError, TimeoutError):
+                await asyncio.shield(self._refresh)
+        return key_id in self._known_key_ids
+
+    async def _run(self) -> None:
+        while True:
+            await self.probe()
+            interval = self._config.probe_interval_seconds
+            # While unhealthy, look again soon: recovery should show without waiting a full interval.
+            await asyncio.sleep(interval if self._failure is None else min(interval, UNHEALTHY_RETRY_SECONDS))
+
+    async def probe(self) -> None:
+        try:
+            await self._refresh_keys()
+            seed = os.urandom(PROBE_SEED_BYTES)
+            wrapped = await self._client.wrap(seed, self._timeout)
+            unwrapped = await self._client.unwrap(wrapped.ciphertext, wrapped.key_id, self._timeout)
+            if unwrapped.plaintext != seed:
+                raise KeySealerError(ErrorCode.INTERNAL, "health probe unwrapped a wrong plaintext")
+        except KeySealerError as exc:
+            self._record_failure(exc.message, soft=exc.code in _SOFT_FAILURES)
+        except TimeoutError:
+            self._record_failure("broker not answering", soft=True)
+        else:
+            if self._failure is not None:
+                log.info("health probe succeeded: healthy")
+            self._failure, self._failure_is_soft = None, False
+            self._last_success = time.monotonic()
+
+    async def _refresh_keys(self) -> None:
+        health = await self._client.health(self._timeout)
+        self._keys_refreshed = time.monotonic()
+        self._known_key_ids = frozenset(health.key_ids)
+        self._key_id = health.current_key_id
+        if not health.current_key_id:
+            reason = next((w.reason for w in health.workers if w.reason), "no current key")
+            raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, reason)
+
+    def _record_failure(self, reason: str, soft: bool) -> None:
+        if reason != self._failure:
+            log.warning("health probe failed: %s", reason)
+        self._failure, self._failure_is_soft = reason, soft

@@ -1,0 +1,67 @@
+"""The frontend process: serve the KMS v2 API on a Unix socket until SIGTERM/SIGINT, then stop cleanly."""
+
+import asyncio
+import grp
+import logging
+import os
+import signal
+
+import grpc
+
+from keysealer.frontend.broker_client import BrokerClient
+from keysealer.frontend.config import FrontendConfig
+from keysealer.frontend.health import HealthMonitor
+from keysealer.frontend.kmsv2 import api_pb2_grpc
+from keysealer.frontend.service import KmsService
+from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
+from keysealer.shared.socket_path import claim_socket_path, umask
+
+log = logging.getLogger(__name__)
+
+# Far above any legitimate KMS v2 message (32-byte seeds, <= 1 KiB ciphertexts, <= 32 KiB annotations);
+# gRPC refuses larger messages before our code sees them.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+async def serve(config: FrontendConfig) -> int:
+    path = config.listen.socket
+    claim_socket_path(path)
+    gid = _group_id(config.listen.group)
+    client = BrokerClient(config.broker.socket)
+    await client.start()
+    health = HealthMonitor(client, config.health, config.limits.call_timeout_seconds)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+    api_pb2_grpc.add_KeyManagementServiceServicer_to_server(
+        KmsService(client, health, config.limits), server)
+    with umask(0o177):  # the socket is 0600 from the moment it exists
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, int(config.listen.mode, 8))
+    health.start()
+    log.info("serving KMS v2 on %s (broker %s)", path, config.broker.socket)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("stopping: letting calls in flight finish")
+    await server.stop(grace=config.limits.call_timeout_seconds)
+    await health.stop()
+    await client.close()
+    path.unlink(missing_ok=True)
+    return EXIT_OK
+
+
+def _group_id(group: str | None) -> int | None:
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise FatalError(f"listen.group: no group named {group!r}", EXIT_USAGE) from None

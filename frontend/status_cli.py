@@ -1,0 +1,24 @@
+"""`keysealer status --socket PATH`: call Status the way the apiserver does and print the answer."""
+
+from pathlib import Path
+
+import grpc
+
+from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
+from keysealer.shared.process import EXIT_FAILURE, EXIT_OK, FatalError
+
+
+def fetch_status(socket: Path, timeout: float) -> api_pb2.StatusResponse:
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        stub = api_pb2_grpc.KeyManagementServiceStub(channel)
+        try:
+            status: api_pb2.StatusResponse = stub.Status(api_pb2.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise FatalError(f"{socket}: Status failed: {exc.code().name}: {exc.details()}") from None
+    return status
+
+
+def print_status(socket: Path, timeout: float) -> int:
+    status = fetch_status(socket, timeout)
+    print(f"version: {status.version}\nhealthz: {status.healthz}\nkey_id:  {status.key_id}")
+    return EXIT_OK if status.healthz == "ok" else EXIT_FAILURE

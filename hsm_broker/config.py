@@ -1,0 +1,63 @@
+"""The broker's YAML config (every field is described in docs/configuration.md)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keysealer.shared.config_loader import bounded, load_config
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    module: Path
+    pin_file: Path
+    # Pick the token by label (preferred: slot numbers can change when devices are added) or by slot id.
+    token_label: str | None = None
+    slot: int | None = None
+    # Environment the PKCS #11 module reads (SOFTHSM2_CONF, a TPM's TCTI, ...). Set only in the broker.
+    module_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    # New wraps use the newest key with this label; every other KeySealer key in the token still unwraps.
+    current_label: str
+
+
+@dataclass(frozen=True)
+class IpcConfig:
+    socket: Path
+    # Group given to the socket directory so the frontend's user can reach the socket.
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    count: int = bounded(2, 1, 64)
+    # Requests waiting for a free worker; past this the broker answers "busy" at once.
+    queue_limit: int = bounded(1024, 1, 100_000)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    token: TokenConfig
+    keys: KeysConfig
+    ipc: IpcConfig
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+
+
+def load_broker_config(path: Path) -> BrokerConfig:
+    config = load_config(path, BrokerConfig)
+    _validate(config, path)
+    return config
+
+
+def _validate(config: BrokerConfig, path: Path) -> None:
+    from keysealer.shared.config_loader import ConfigError
+
+    token = config.token
+    if (token.token_label is None) == (token.slot is None):
+        raise ConfigError(f"{path}: token: set exactly one of token_label and slot")
+    if not token.module.is_file():
+        raise ConfigError(f"{path}: token.module: no such file: {token.module}")
+    if not config.keys.current_label:
+        raise ConfigError(f"{path}: keys.current_label: must not be empty")

@@ -1,0 +1,49 @@
+"""How KeySealer marks its keys in a token (documented in docs/ciphertext-format.md).
+
+CKA_ID = b"KS1" + creation time (8 bytes, big-endian Unix seconds) + 16 random bytes. The prefix tells our
+keys from others sharing the token, the time orders versions of one label, and the random part makes every
+key's derived key_id unique, even for a re-created label.
+"""
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+from keysealer.shared.key_ids import key_id_for_ref, key_ref_for
+
+ID_MAGIC = b"KS1"
+_ID_LEN = len(ID_MAGIC) + 8 + 16
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIdentity:
+    token_object_id: bytes  # CKA_ID
+    label: str
+
+    @property
+    def created(self) -> int:
+        (seconds,) = struct.unpack(">Q", self.token_object_id[len(ID_MAGIC) : len(ID_MAGIC) + 8])
+        return int(seconds)
+
+    @property
+    def key_ref(self) -> bytes:
+        return key_ref_for(self.token_object_id)
+
+    @property
+    def key_id(self) -> str:
+        return key_id_for_ref(self.key_ref)
+
+
+def new_token_object_id() -> bytes:
+    return ID_MAGIC + struct.pack(">Q", int(time.time())) + os.urandom(16)
+
+
+def is_keysealer_object_id(token_object_id: bytes) -> bool:
+    return len(token_object_id) == _ID_LEN and token_object_id.startswith(ID_MAGIC)
+
+
+def newest_with_label(keys: list[KeyIdentity], label: str) -> KeyIdentity | None:
+    candidates = [k for k in keys if k.label == label]
+    # Ties in the creation second are broken by the id so every broker picks the same key.
+    return max(candidates, key=lambda k: (k.created, k.token_object_id), default=None)

@@ -1,0 +1,308 @@
+"""The broker supervisor: terminates the frontend's IPC connection and balances requests over workers.
+
+It never loads PKCS #11. It validates every frame against the schema (the broker's monitor), answers
+health itself from the workers' reports, queues wrap/unwrap for idle workers (ZeroMQ's load-balancing
+pattern: a worker is idle until it is handed a request, and again once it replied), and replaces workers
+that die.
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from keysealer.hsm_broker import worker_protocol
+from keysealer.hsm_broker.config import BrokerConfig
+from keysealer.hsm_broker.worker import worker_main, worker_routing_id
+from keysealer.shared import ipc_schema
+from keysealer.shared.errors import ErrorCode
+from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
+from keysealer.shared.socket_path import claim_socket_path, umask
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100
+RESTART_FIRST_SECONDS = 0.5
+RESTART_MAX_SECONDS = 30.0
+# A worker that served this long is healthy again: its next crash restarts it without delay.
+STABLE_SECONDS = 60.0
+STOP_GRACE_SECONDS = 2.0
+# Exit codes after which restarting a worker cannot help and could lock the token.
+FATAL_WORKER_EXITS = frozenset({EXIT_BAD_PIN, EXIT_USAGE})
+STARTING = worker_protocol.WorkerStatus("starting", "starting", "", ())
+
+
+@dataclass
+class Job:
+    client: bytes
+    frame: bytes
+    request_id: int
+    op: ipc_schema.Op
+    expires: float
+    retried: bool = False
+
+
+@dataclass
+class WorkerSlot:
+    pid: int = 0
+    started: float = 0.0
+    restart_delay: float = RESTART_FIRST_SECONDS
+    restart_at: float = 0.0
+    status: worker_protocol.WorkerStatus = STARTING
+    job: Job | None = None
+
+    @property
+    def routing_id(self) -> bytes:
+        return worker_routing_id(self.pid)
+
+
+@dataclass
+class Supervisor:
+    config: BrokerConfig
+    _stopping: bool = False
+    _exit_code: int = EXIT_OK
+    _idle: deque[bytes] = field(default_factory=deque)
+    _queue: deque[Job] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self._slots = [WorkerSlot() for _ in range(self.config.workers.count)]
+        self._context = zmq.Context()
+        self._front = self._context.socket(zmq.ROUTER)
+        self._back = self._context.socket(zmq.ROUTER)
+        socket_path = self.config.ipc.socket
+        self._worker_dir = socket_path.parent / "workers"
+        self._backend = f"ipc://{self._worker_dir / 'backend.sock'}"
+
+    def run(self) -> int:
+        self._bind()
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        log.info("broker listening on %s with %d workers", self.config.ipc.socket, len(self._slots))
+        poller = zmq.Poller()
+        poller.register(self._front, zmq.POLLIN)
+        poller.register(self._back, zmq.POLLIN)
+        try:
+            while not self._stopping:
+                self._spawn_due_workers()
+                events = dict(poller.poll(POLL_MS))
+                if self._back in events:
+                    self._drain(self._back, self._on_worker_message)
+                if self._front in events:
+                    self._drain(self._front, self._on_client_message)
+                self._reap_workers()
+                self._dispatch()
+        finally:
+            self._shutdown()
+        return self._exit_code
+
+    # -- setup and teardown --------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        socket_path = self.config.ipc.socket
+        _prepare_directory(socket_path.parent, 0o750, self.config.ipc.group)
+        _prepare_directory(self._worker_dir, 0o700, None)
+        claim_socket_path(socket_path)
+        claim_socket_path(self._worker_dir / "backend.sock")
+        for sock in (self._front, self._back):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 100_000)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+        # A peer sending a frame larger than the schema allows is disconnected by ZeroMQ itself.
+        self._front.setsockopt(zmq.MAXMSGSIZE, ipc_schema.MAX_FRAME)
+        with umask(0o117):  # socket 0660 from the moment it exists
+            self._front.bind(f"ipc://{socket_path}")
+        with umask(0o177):
+            self._back.bind(self._backend)
+
+    def _request_stop(self, signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self._stopping = True
+
+    def _shutdown(self) -> None:
+        for slot in self._slots:
+            if slot.pid:
+                _signal(slot.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while any(slot.pid for slot in self._slots) and time.monotonic() < deadline:
+            self._reap_workers(restart=False)
+            time.sleep(0.02)
+        for slot in self._slots:
+            if slot.pid:
+                _signal(slot.pid, signal.SIGKILL)
+                os.waitpid(slot.pid, 0)
+        self._front.close()
+        self._back.close()
+        self._context.term()
+        self.config.ipc.socket.unlink(missing_ok=True)
+        (self._worker_dir / "backend.sock").unlink(missing_ok=True)
+
+    # -- workers -------------------------------------------------------------------------------------
+
+    def _spawn_due_workers(self) -> None:
+        # One worker logs in at a time: SoftHSM rewrites its token file on login, and a wrong PIN
+        # must cost one failed login, not one per worker.
+        if any(slot.pid and slot.status.state == "starting" for slot in self._slots):
+            return
+        now = time.monotonic()
+        for slot in self._slots:
+            if not slot.pid and now >= slot.restart_at:
+                self._fork_worker(slot)
+                return
+
+    def _fork_worker(self, slot: WorkerSlot) -> None:
+        supervisor_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = EXIT_FAILURE
+            try:
+                code = worker_main(self.config, self._backend, supervisor_pid)
+            except BaseException:
+                log.exception("worker crashed")
+            finally:
+                os._exit(code)  # never run the supervisor's cleanup in a child
+        slot.pid, slot.started, slot.status, slot.job = pid, time.monotonic(), STARTING, None
+        log.info("started worker %d", pid)
+
+    def _reap_workers(self, restart: bool = True) -> None:
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self._slots if s.pid == pid), None)
+            if slot is not None:
+                self._on_worker_exit(slot, os.waitstatus_to_exitcode(wait_status), restart)
+
+    def _on_worker_exit(self, slot: WorkerSlot, code: int, restart: bool) -> None:
+        fatal = restart and code in FATAL_WORKER_EXITS
+        if fatal:
+            self._drain(self._back, self._on_worker_message)  # collect its last report, if any
+        routing_id = slot.routing_id
+        if routing_id in self._idle:
+            self._idle.remove(routing_id)
+        job, slot.job, slot.pid = slot.job, None, 0
+        if job is not None:
+            # Wrap and unwrap are idempotent, so a request lost with its worker is safe to run again once.
+            if not job.retried and time.monotonic() < job.expires:
+                job.retried = True
+                self._queue.appendleft(job)
+            else:
+                self._reply_error(job.client, job.request_id, job.op, ErrorCode.WORKER_LOST,
+                                  "broker worker exited during the call")
+        if not restart:
+            return
+        if fatal:
+            raise FatalError(slot.status.reason or f"worker exited with code {code}", code)
+        log.warning("worker %s exited with code %d", routing_id.decode(), code)
+        now = time.monotonic()
+        if now - slot.started > STABLE_SECONDS:
+            slot.restart_delay = RESTART_FIRST_SECONDS
+        slot.restart_at = now + slot.restart_delay
+        slot.restart_delay = min(slot.restart_delay * 2, RESTART_MAX_SECONDS)
+        slot.status = worker_protocol.WorkerStatus("failed", f"worker exited with code {code}", "", ())
+
+    def _on_worker_message(self, frames: list[bytes]) -> None:
+        routing_id, kind, *rest = frames
+        slot = next((s for s in self._slots if s.pid and s.routing_id == routing_id), None)
+        if slot is None:
+            return  # a worker that was already reaped
+        if kind == worker_protocol.REPLY:
+            client, reply = rest
+            self._front.send_multipart([client, reply])
+            slot.job = None
+        elif kind == worker_protocol.STATUS:
+            slot.status = worker_protocol.decode_status(rest[0])
+        ready = slot.status.state == "ready" and slot.job is None
+        if ready and routing_id not in self._idle:
+            self._idle.append(routing_id)
+        elif not ready and routing_id in self._idle:
+            self._idle.remove(routing_id)
+
+    # -- clients -------------------------------------------------------------------------------------
+
+    def _on_client_message(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return  # not a DEALER-framed request: nothing to answer
+        client, frame = frames
+        try:
+            request = ipc_schema.decode_request(frame)
+        except ipc_schema.SchemaError as exc:
+            if exc.request_id is not None and exc.op is not None:
+                self._reply_error(client, exc.request_id, exc.op, ErrorCode.INVALID_REQUEST, str(exc))
+            return  # without an id and an operation there is nobody to answer
+        op = ipc_schema.op_of(request)
+        if isinstance(request, ipc_schema.HealthRequest):
+            self._front.send_multipart([client, ipc_schema.encode_reply(self._health(request.id), op)])
+            return
+        if not any(slot.status.state == "ready" for slot in self._slots):
+            self._reply_error(client, request.id, op, ErrorCode.TOKEN_UNAVAILABLE, self._not_ready_reason())
+            return
+        if len(self._queue) >= self.config.workers.queue_limit:
+            self._reply_error(client, request.id, op, ErrorCode.BUSY, "broker queue full")
+            return
+        expires = time.monotonic() + request.ttl_ms / 1000
+        self._queue.append(Job(client, frame, request.id, op, expires))
+
+    def _dispatch(self) -> None:
+        now = time.monotonic()
+        while self._idle and self._queue:
+            job = self._queue.popleft()
+            if now >= job.expires:
+                continue  # its caller gave up already; the token's time is better spent elsewhere
+            routing_id = self._idle.popleft()
+            slot = next(s for s in self._slots if s.pid and s.routing_id == routing_id)
+            slot.job = job
+            self._back.send_multipart([routing_id, job.client, job.frame])
+
+    def _health(self, request_id: int) -> ipc_schema.HealthResult:
+        ready = [s.status for s in self._slots if s.status.state == "ready"]
+        current = next((s.current_key_id for s in ready if s.current_key_id), "")
+        key_ids = sorted({k for s in ready for k in s.key_ids})
+        workers = tuple(ipc_schema.WorkerHealth(s.status.state, s.status.reason) for s in self._slots)
+        return ipc_schema.HealthResult(request_id, current, tuple(key_ids), workers)
+
+    def _not_ready_reason(self) -> str:
+        reasons = [s.status.reason for s in self._slots if s.status.state == "failed" and s.status.reason]
+        return reasons[0] if reasons else "broker starting: no worker has opened the token yet"
+
+    def _reply_error(self, client: bytes, request_id: int, op: ipc_schema.Op, code: ErrorCode,
+                     message: str) -> None:
+        reply = ipc_schema.ErrorReply(request_id, code, message)
+        self._front.send_multipart([client, ipc_schema.encode_reply(reply, op)])
+
+    @staticmethod
+    def _drain(sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
+        # Bounded, so a flood on one socket cannot starve the other.
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+
+def _prepare_directory(path: Path, mode: int, group: str | None) -> None:
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    if group is not None:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise FatalError(f"ipc.group: no group named {group!r}", EXIT_USAGE) from None
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)

@@ -1,0 +1,179 @@
+"""One logged-in PKCS #11 session on the configured token, and the AES-256-GCM wrap/unwrap done in it.
+
+Encryption happens inside the token: the key is sensitive and non-extractable, this process only ever
+holds key handles.
+"""
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import PyKCS11
+
+from keysealer.hsm_broker.config import TokenConfig
+from keysealer.hsm_broker.key_naming import KeyIdentity, is_keysealer_object_id, newest_with_label
+from keysealer.shared import ciphertext
+from keysealer.shared.errors import ErrorCode, KeySealerError
+
+log = logging.getLogger(__name__)
+
+# The token refused the PIN itself: retrying risks locking it.
+_PIN_ERRORS = frozenset({
+    PyKCS11.CKR_PIN_INCORRECT, PyKCS11.CKR_PIN_LOCKED, PyKCS11.CKR_PIN_EXPIRED,
+    PyKCS11.CKR_PIN_INVALID, PyKCS11.CKR_PIN_LEN_RANGE,
+})
+# Data the token rejected as not authentic: the caller's ciphertext is bad, the token is fine.
+_BAD_DATA_ERRORS = frozenset({
+    PyKCS11.CKR_ENCRYPTED_DATA_INVALID, PyKCS11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+})
+GCM_TAG_BITS = 128
+AES_KEY_BYTES = 32
+
+
+class TokenUnavailable(Exception):
+    """The token cannot serve now (absent, session lost, device error); `reason` is short and public."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadPin(Exception):
+    """The token refused the PIN."""
+
+
+def error_name(exc: PyKCS11.PyKCS11Error) -> str:
+    return str(PyKCS11.CKR.get(exc.value, f"CKR_0x{exc.value:08X}"))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKey:
+    identity: KeyIdentity
+    handle: Any  # a CK_OBJECT_HANDLE, valid only in this process and login
+
+
+def load_module(config: TokenConfig) -> PyKCS11.PyKCS11Lib:
+    # The module reads its settings (SOFTHSM2_CONF, TCTI, ...) from the environment; only the broker sets them.
+    os.environ.update(config.module_env)
+    lib = PyKCS11.PyKCS11Lib()
+    try:
+        lib.load(str(config.module))
+    except PyKCS11.PyKCS11Error as exc:
+        raise TokenUnavailable(f"cannot load PKCS #11 module: {error_name(exc)}") from None
+    return lib
+
+
+def find_slot(lib: PyKCS11.PyKCS11Lib, config: TokenConfig) -> int:
+    try:
+        slots = lib.getSlotList(tokenPresent=True)
+        if config.slot is not None:
+            if config.slot in slots:
+                return int(config.slot)
+            raise TokenUnavailable(f"no token in slot {config.slot}")
+        for slot in slots:
+            if lib.getTokenInfo(slot).label.rstrip(" \x00") == config.token_label:
+                return int(slot)
+    except PyKCS11.PyKCS11Error as exc:
+        raise TokenUnavailable(f"token not reachable: {error_name(exc)}") from None
+    raise TokenUnavailable(f"no token labelled {config.token_label!r}")
+
+
+def open_user_session(lib: PyKCS11.PyKCS11Lib, slot: int, pin: bytearray, rw: bool = False) -> Any:
+    flags = PyKCS11.CKF_SERIAL_SESSION | (PyKCS11.CKF_RW_SESSION if rw else 0)
+    try:
+        session = lib.openSession(slot, flags)
+    except PyKCS11.PyKCS11Error as exc:
+        raise TokenUnavailable(f"cannot open a session: {error_name(exc)}") from None
+    try:
+        session.login(bytes(pin))  # PyKCS11 takes bytes, not bytearray
+    except PyKCS11.PyKCS11Error as exc:
+        if exc.value == PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
+            return session
+        session.closeSession()
+        if exc.value in _PIN_ERRORS:
+            raise BadPin(f"token login failed: {error_name(exc)}") from None
+        raise TokenUnavailable(f"token login failed: {error_name(exc)}") from None
+    return session
+
+
+def find_keys(session: Any) -> list[TokenKey]:
+    """Every AES key in the token that KeySealer created."""
+    template = [(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES)]
+    found = []
+    for handle in session.findObjects(template):
+        object_id, label = session.getAttributeValue(handle, [PyKCS11.CKA_ID, PyKCS11.CKA_LABEL])
+        object_id = bytes(object_id or b"")
+        if is_keysealer_object_id(object_id):
+            found.append(TokenKey(KeyIdentity(object_id, str(label or "")), handle))
+    return found
+
+
+class Token:
+    """A logged-in session with the key handles it found; one per worker process, used by one thread."""
+
+    def __init__(self, config: TokenConfig, current_label: str, lib: PyKCS11.PyKCS11Lib, slot: int,
+                 session: Any) -> None:
+        self._config = config
+        self._current_label = current_label
+        self._lib = lib
+        self._slot = slot
+        self._session = session
+        self.current: TokenKey | None = None
+        self._by_ref: dict[bytes, TokenKey] = {}
+        self.refresh_keys()
+
+    def refresh_keys(self) -> None:
+        keys = find_keys(self._session)
+        self._by_ref = {k.identity.key_ref: k for k in keys}
+        newest = newest_with_label([k.identity for k in keys], self._current_label)
+        self.current = self._by_ref[newest.key_ref] if newest else None
+
+    @property
+    def key_ids(self) -> list[str]:
+        return sorted(k.identity.key_id for k in self._by_ref.values())
+
+    def wrap(self, plaintext: bytes) -> tuple[bytes, str]:
+        key = self.current
+        if key is None:
+            raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE,
+                                 f"no key labelled {self._current_label!r} in the token")
+        header = ciphertext.header_for(ciphertext.MECH_AES_256_GCM, key.identity.key_ref)
+        iv = os.urandom(ciphertext.IV_LEN)
+        mechanism = PyKCS11.AES_GCM_Mechanism(iv, header, GCM_TAG_BITS)
+        sealed = self._call(self._session.encrypt, key.handle, plaintext, mechanism)
+        return header + iv + bytes(sealed), key.identity.key_id
+
+    def unwrap(self, data: bytes, key_id: str) -> bytes:
+        envelope = ciphertext.parse(data)
+        key = self._by_ref.get(envelope.key_ref)
+        if key is None or key.identity.key_id != key_id:
+            raise KeySealerError(ErrorCode.UNKNOWN_KEY, "key_id not known to this token or not the "
+                                 "ciphertext's key")
+        mechanism = PyKCS11.AES_GCM_Mechanism(envelope.iv, envelope.header, GCM_TAG_BITS)
+        return bytes(self._call(self._session.decrypt, key.handle, envelope.sealed, mechanism))
+
+    def _call(self, operation: Any, *args: Any) -> Any:
+        try:
+            return operation(*args)
+        except PyKCS11.PyKCS11Error as exc:
+            if exc.value in _BAD_DATA_ERRORS:
+                raise KeySealerError(ErrorCode.BAD_CIPHERTEXT, "ciphertext failed authentication") from None
+            raise TokenUnavailable(f"token error {error_name(exc)}") from None
+
+    def close(self) -> None:
+        # The session may already be gone with the device.
+        with contextlib.suppress(PyKCS11.PyKCS11Error):
+            self._session.closeSession()
+
+
+def open_token(config: TokenConfig, current_label: str, pin: bytearray) -> Token:
+    lib = load_module(config)
+    slot = find_slot(lib, config)
+    session = open_user_session(lib, slot, pin)
+    try:
+        return Token(config, current_label, lib, slot, session)
+    except PyKCS11.PyKCS11Error as exc:
+        raise TokenUnavailable(f"cannot list keys: {error_name(exc)}") from None
+

@@ -1,0 +1,135 @@
+"""A broker worker: owns one token login and session, serves one request at a time.
+
+Workers are separate processes because PyKCS11 holds the GIL during every PKCS #11 call: threads would
+serialise, and a slow token would stall the supervisor. A crash in the vendor library takes down one
+worker, not the broker.
+"""
+
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from keysealer.hsm_broker import worker_protocol
+from keysealer.hsm_broker.config import BrokerConfig
+from keysealer.hsm_broker.pin import read_pin
+from keysealer.hsm_broker.token import BadPin, Token, TokenUnavailable, open_token
+from keysealer.shared import ipc_schema
+from keysealer.shared.errors import ErrorCode, KeySealerError
+from keysealer.shared.process import EXIT_BAD_PIN, FatalError
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 15.0
+# SoftHSM rewrites its token file on login, so logins racing another process can fail spuriously.
+LOGIN_ATTEMPTS_BEFORE_REPORTING = 3
+
+
+def worker_routing_id(pid: int) -> bytes:
+    return b"w%d" % pid
+
+
+class Worker:
+    def __init__(self, config: BrokerConfig, backend: str) -> None:
+        self._config = config
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        # A name the supervisor can derive from the pid it forked, to match messages to processes.
+        self._socket.setsockopt(zmq.ROUTING_ID, worker_routing_id(os.getpid()))
+        self._socket.connect(backend)
+        self._token: Token | None = None
+
+    def run(self) -> int:
+        delay = RETRY_FIRST_SECONDS
+        failures = 0
+        self._report("starting", "opening the token")
+        while True:
+            if self._token is None:
+                try:
+                    self._token = self._open()
+                except BadPin as exc:
+                    self._report("failed", f"{exc}; not retried: a token locks after a few failed logins")
+                    return EXIT_BAD_PIN
+                except FatalError as exc:
+                    self._report("failed", str(exc))
+                    return exc.exit_code
+                except TokenUnavailable as exc:
+                    failures += 1
+                    if failures >= LOGIN_ATTEMPTS_BEFORE_REPORTING:
+                        log.warning("token unavailable: %s; retrying in %.1fs", exc.reason, delay)
+                        self._report("failed", exc.reason)
+                    time.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_SECONDS)
+                    continue
+                delay, failures = RETRY_FIRST_SECONDS, 0
+                self._report_ready()
+            self._serve_one()
+
+    def _open(self) -> Token:
+        pin = read_pin(self._config.token.pin_file)
+        try:
+            return open_token(self._config.token, self._config.keys.current_label, pin)
+        finally:
+            pin[:] = bytes(len(pin))  # overwrite: the token has what it needs
+
+    def _report_ready(self) -> None:
+        token = self._token
+        assert token is not None
+        current = token.current.identity.key_id if token.current else ""
+        reason = "" if current else f"no key labelled {self._config.keys.current_label!r}"
+        self._report("ready", reason, current, tuple(token.key_ids))
+
+    def _report(self, state: str, reason: str, current: str = "", key_ids: tuple[str, ...] = ()) -> None:
+        status = worker_protocol.WorkerStatus(state, reason, current, key_ids)
+        self._socket.send_multipart([worker_protocol.STATUS, worker_protocol.encode_status(status)])
+
+    def _serve_one(self) -> None:
+        client, frame = self._socket.recv_multipart()
+        request = ipc_schema.decode_request(frame)  # the supervisor validated it already
+        op = ipc_schema.op_of(request)
+        reply = self._handle(request)
+        self._socket.send_multipart([worker_protocol.REPLY, client, ipc_schema.encode_reply(reply, op)])
+        if self._token is None:
+            self._report("failed", "token session lost; reopening")
+
+    def _handle(self, request: ipc_schema.Request) -> ipc_schema.Reply:
+        token = self._token
+        if token is None:
+            return ipc_schema.ErrorReply(request.id, ErrorCode.TOKEN_UNAVAILABLE, "token not open")
+        try:
+            if isinstance(request, ipc_schema.WrapRequest):
+                sealed, key_id = token.wrap(request.plaintext)
+                return ipc_schema.WrapResult(request.id, sealed, key_id)
+            if isinstance(request, ipc_schema.UnwrapRequest):
+                return ipc_schema.UnwrapResult(request.id, token.unwrap(request.ciphertext, request.key_id))
+            return ipc_schema.ErrorReply(request.id, ErrorCode.INVALID_REQUEST, "not a worker operation")
+        except KeySealerError as exc:
+            return ipc_schema.ErrorReply(request.id, exc.code, exc.message)
+        except TokenUnavailable as exc:
+            # Tokens differ in what a failed call leaves behind: never reuse the session.
+            log.warning("token error, dropping the session: %s", exc.reason)
+            token.close()
+            self._token = None
+            return ipc_schema.ErrorReply(request.id, ErrorCode.TOKEN_UNAVAILABLE, exc.reason)
+
+
+def worker_main(config: BrokerConfig, backend: str, supervisor_pid: int) -> int:
+    """Entry point in a freshly forked child: never returns into the supervisor's code."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    _die_with_parent(supervisor_pid)
+    return Worker(config, backend).run()
+
+
+def _die_with_parent(supervisor_pid: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != supervisor_pid:  # the supervisor died before prctl took effect
+        os._exit(1)

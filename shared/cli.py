@@ -1,0 +1,63 @@
+"""`keysealer`: the operator's command. Each subcommand imports only what it needs, lazily, so that
+`keysealer status` never loads PKCS #11 and `keysealer keys` never loads gRPC."""
+
+import argparse
+from pathlib import Path
+
+from keysealer.shared.process import run_main
+
+PROGRAM = "keysealer"
+DEFAULT_STATE_DIR = Path(".keysealer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROGRAM, description="KeySealer: a KMS v2 plugin backed by PKCS #11.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser("dev", help="run broker and frontend on a SoftHSM token created on first use")
+    dev.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                     help="where the token, PIN, configs and sockets live (default: ./.keysealer)")
+
+    status = commands.add_parser("status", help="call Status on a plugin socket and print it")
+    status.add_argument("--socket", type=Path, required=True, help="the frontend's KMS socket")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3, as the apiserver)")
+
+    keys = commands.add_parser("keys", help="manage the keys in the token").add_subparsers(
+        dest="keys_command", required=True)
+    create = keys.add_parser("create", help="generate a new key in the token")
+    create.add_argument("--config", type=Path, required=True, help="broker YAML config")
+    create.add_argument("--label", help="label of the new key (default: keys.current_label)")
+    create.add_argument("--if-missing", action="store_true", help="do nothing if a key has this label")
+    listing = keys.add_parser("list", help="list KeySealer keys: key_id, label, creation time, state")
+    listing.add_argument("--config", type=Path, required=True, help="broker YAML config")
+    init = keys.add_parser("init-token", help="initialise a software token with the configured label")
+    init.add_argument("--config", type=Path, required=True, help="broker YAML config")
+    init.add_argument("--so-pin-file", type=Path, required=True, help="file holding the new SO PIN (0600)")
+    return parser
+
+
+def _run() -> int:
+    args = _parser().parse_args()
+    if args.command == "dev":
+        from keysealer.shared.dev import run_dev
+
+        return run_dev(args.state_dir)
+    if args.command == "status":
+        from keysealer.frontend.status_cli import print_status
+
+        return print_status(args.socket, args.timeout)
+    from keysealer.hsm_broker import keys_cli
+
+    if args.keys_command == "create":
+        return keys_cli.create_key(args.config, args.label, args.if_missing)
+    if args.keys_command == "list":
+        return keys_cli.list_keys(args.config)
+    return keys_cli.init_token(args.config, args.so_pin_file)
+
+
+def main() -> None:
+    run_main(PROGRAM, _run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Typed YAML config loading: one dataclass tree per process, every mistake reported as one line.
+
+A field's metadata may bound it: {"min": n, "max": n} for numbers, {"choices": (...)} for strings.
+"""
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+def load_config(path: Path, schema: type[T]) -> T:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return build(schema, {} if data is None else data, f"{path}: ")
+
+
+def build(schema: type[T], data: Any, where: str, prefix: str = "") -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}{prefix.rstrip('.') or 'top level'}: must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{where}{prefix}{key}: unknown field")
+    hints = get_type_hints(schema)
+    values: dict[str, Any] = {}
+    for name, field in fields.items():
+        label = prefix + name
+        if name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}{label}: missing required field")
+            continue
+        values[name] = _convert(hints[name], data[name], where, label)
+        _check_bounds(field, values[name], where, label)
+    return schema(**values)
+
+
+def _convert(hint: Any, value: Any, where: str, label: str) -> Any:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(options[0], value, where, label)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where, label + ".")  # type: ignore[arg-type]
+    if origin is dict:
+        key_type, value_type = get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{label}: must be a mapping")
+        return {
+            _convert(key_type, k, where, f"{label}.{k}"): _convert(value_type, v, where, f"{label}.{k}")
+            for k, v in value.items()
+        }
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}{label}: must be a path")
+        return Path(value)
+    if hint is float and type(value) is int:
+        return float(value)
+    if type(value) is not hint:
+        raise ConfigError(f"{where}{label}: must be {_type_name(hint)}, not {_type_name(type(value))}")
+    return value
+
+
+def _check_bounds(field: "dataclasses.Field[Any]", value: Any, where: str, label: str) -> None:
+    meta = field.metadata
+    if value is None:
+        return
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{where}{label}: must be at least {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where}{label}: must be at most {meta['max']}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where}{label}: must be one of {', '.join(meta['choices'])}")
+
+
+def _type_name(kind: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list", dict: "a mapping", type(None): "empty"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None) -> Any:
+    """A dataclass field with a default and bounds checked at load time."""
+    meta: dict[str, Any] = {}
+    if low is not None:
+        meta["min"] = low
+    if high is not None:
+        meta["max"] = high
+    return dataclasses.field(default=default, metadata=meta)

@@ -1,0 +1,271 @@
+"""The frontend <-> broker IPC schema, version 1: the only messages that cross the process boundary.
+
+Each ZeroMQ message is one msgpack map. Requests carry an id that the reply repeats, so many calls share
+one connection. There are three operations and nothing else: wrap a seed, unwrap a ciphertext, report
+health. Both ends decode with the same strict rules: exact types, bounded sizes, unknown fields refused.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+
+from keysealer.shared import ciphertext
+from keysealer.shared.errors import ErrorCode
+
+SCHEMA_VERSION = 1
+# Largest frame either side accepts; ZeroMQ drops the peer that sends more (ZMQ_MAXMSGSIZE).
+MAX_FRAME = 4096
+# The apiserver sends 32-byte seeds; anything far larger is not a seed.
+MAX_PLAINTEXT = 256
+MAX_KEY_ID_LEN = 64
+MAX_MESSAGE_LEN = 200
+MAX_TTL_MS = 60_000
+MAX_REQUEST_ID = 2**63 - 1
+MAX_WORKERS_REPORTED = 64
+
+
+class Op(StrEnum):
+    WRAP = "wrap"
+    UNWRAP = "unwrap"
+    HEALTH = "health"
+
+
+class SchemaError(ValueError):
+    """A frame that does not follow the schema. request_id is set when the frame named one."""
+
+    def __init__(self, message: str, request_id: int | None = None, op: "Op | None" = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.op = op
+
+
+@dataclass(frozen=True, slots=True)
+class WrapRequest:
+    id: int
+    ttl_ms: int
+    plaintext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UnwrapRequest:
+    id: int
+    ttl_ms: int
+    ciphertext: bytes
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthRequest:
+    id: int
+    ttl_ms: int
+
+
+Request = WrapRequest | UnwrapRequest | HealthRequest
+
+
+@dataclass(frozen=True, slots=True)
+class WrapResult:
+    id: int
+    ciphertext: bytes
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnwrapResult:
+    id: int
+    plaintext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHealth:
+    state: str  # "ready", "starting", "failed"
+    reason: str  # short, never secret: shown in the apiserver's health output
+
+
+@dataclass(frozen=True, slots=True)
+class HealthResult:
+    id: int
+    current_key_id: str  # "" while no worker has found the current key
+    key_ids: tuple[str, ...]
+    workers: tuple[WorkerHealth, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    id: int
+    code: ErrorCode
+    message: str
+
+
+Reply = WrapResult | UnwrapResult | HealthResult | ErrorReply
+
+# (type, smallest, largest): sizes for bytes/str/list, values for int.
+_FieldSpec = tuple[type, int, int]
+_ENVELOPE: dict[str, _FieldSpec] = {
+    "v": (int, SCHEMA_VERSION, SCHEMA_VERSION),
+    "id": (int, 0, MAX_REQUEST_ID),
+    "op": (str, 1, 16),
+}
+_REQUEST_FIELDS: dict[Op, dict[str, _FieldSpec]] = {
+    Op.WRAP: {"ttl": (int, 1, MAX_TTL_MS), "pt": (bytes, 1, MAX_PLAINTEXT)},
+    Op.UNWRAP: {
+        "ttl": (int, 1, MAX_TTL_MS),
+        "ct": (bytes, ciphertext.MIN_LEN, ciphertext.MAX_LEN),
+        "kid": (str, 1, MAX_KEY_ID_LEN),
+    },
+    Op.HEALTH: {"ttl": (int, 1, MAX_TTL_MS)},
+}
+_RESULT_FIELDS: dict[Op, dict[str, _FieldSpec]] = {
+    Op.WRAP: {"ok": (bool, 1, 1), "ct": (bytes, ciphertext.MIN_LEN, ciphertext.MAX_LEN),
+              "kid": (str, 1, MAX_KEY_ID_LEN)},
+    Op.UNWRAP: {"ok": (bool, 1, 1), "pt": (bytes, 1, MAX_PLAINTEXT)},
+    Op.HEALTH: {"ok": (bool, 1, 1), "kid": (str, 0, MAX_KEY_ID_LEN), "kids": (list, 0, 1024),
+                "workers": (list, 0, MAX_WORKERS_REPORTED)},
+}
+_ERROR_FIELDS: dict[str, _FieldSpec] = {
+    "ok": (bool, 0, 0),
+    "err": (str, 1, 32),
+    "msg": (str, 0, MAX_MESSAGE_LEN),
+}
+
+
+def _unpack(frame: bytes) -> dict[str, Any]:
+    if len(frame) > MAX_FRAME:
+        raise SchemaError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+    try:
+        obj = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_FRAME,
+            max_str_len=MAX_FRAME,
+            max_array_len=1024,
+            max_map_len=16,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many types for malformed input; all mean the same here
+        raise SchemaError("frame is not valid msgpack") from exc
+    if not isinstance(obj, dict):
+        raise SchemaError("frame is not a map")
+    return obj
+
+
+def _check(message: dict[str, Any], spec: dict[str, _FieldSpec], request_id: int | None) -> None:
+    unknown = message.keys() - spec.keys()
+    if unknown:
+        raise SchemaError(f"unknown field {sorted(map(str, unknown))[0]!r}", request_id)
+    for name, (kind, low, high) in spec.items():
+        if name not in message:
+            raise SchemaError(f"missing field {name!r}", request_id)
+        value = message[name]
+        # `type is` rather than isinstance: a bool must not pass for an int.
+        if type(value) is not kind:
+            raise SchemaError(f"field {name!r} must be {kind.__name__}", request_id)
+        size: int = value if isinstance(value, int) else len(value)
+        if not low <= size <= high:
+            raise SchemaError(f"field {name!r} out of range", request_id)
+
+
+def _open_envelope(frame: bytes) -> tuple[dict[str, Any], Op, int]:
+    message = _unpack(frame)
+    raw_id = message.get("id")
+    request_id = raw_id if type(raw_id) is int and 0 <= raw_id <= MAX_REQUEST_ID else None
+    _check({name: message[name] for name in _ENVELOPE if name in message}, _ENVELOPE, request_id)
+    try:
+        op = Op(message["op"])
+    except ValueError:
+        raise SchemaError("unknown operation", request_id) from None
+    fields = {k: v for k, v in message.items() if k not in _ENVELOPE}
+    return fields, op, message["id"]
+
+
+def decode_request(frame: bytes) -> Request:
+    fields, op, request_id = _open_envelope(frame)
+    try:
+        _check(fields, _REQUEST_FIELDS[op], request_id)
+    except SchemaError as exc:
+        exc.op = op  # lets the receiver answer with an error reply for this request
+        raise
+    if op is Op.WRAP:
+        return WrapRequest(request_id, fields["ttl"], fields["pt"])
+    if op is Op.UNWRAP:
+        return UnwrapRequest(request_id, fields["ttl"], fields["ct"], fields["kid"])
+    return HealthRequest(request_id, fields["ttl"])
+
+
+def encode_request(request: Request) -> bytes:
+    body: dict[str, Any]
+    if isinstance(request, WrapRequest):
+        body = {"op": Op.WRAP.value, "pt": request.plaintext}
+    elif isinstance(request, UnwrapRequest):
+        body = {"op": Op.UNWRAP.value, "ct": request.ciphertext, "kid": request.key_id}
+    else:
+        body = {"op": Op.HEALTH.value}
+    return _pack({"v": SCHEMA_VERSION, "id": request.id, "ttl": request.ttl_ms, **body})
+
+
+def _pack(message: dict[str, Any]) -> bytes:
+    frame: bytes = msgpack.packb(message, use_bin_type=True)
+    if len(frame) > MAX_FRAME:
+        raise SchemaError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+    return frame
+
+
+def encode_reply(reply: Reply, op: Op) -> bytes:
+    head: dict[str, Any] = {"v": SCHEMA_VERSION, "id": reply.id, "op": op.value}
+    if isinstance(reply, ErrorReply):
+        return _pack({**head, "ok": False, "err": reply.code.value, "msg": reply.message[:MAX_MESSAGE_LEN]})
+    if isinstance(reply, WrapResult):
+        return _pack({**head, "ok": True, "ct": reply.ciphertext, "kid": reply.key_id})
+    if isinstance(reply, UnwrapResult):
+        return _pack({**head, "ok": True, "pt": reply.plaintext})
+    workers = [[w.state, w.reason[:MAX_MESSAGE_LEN]] for w in reply.workers[:MAX_WORKERS_REPORTED]]
+    return _pack({**head, "ok": True, "kid": reply.current_key_id, "kids": list(reply.key_ids),
+                  "workers": workers})
+
+
+def decode_reply(frame: bytes) -> Reply:
+    fields, op, reply_id = _open_envelope(frame)
+    if fields.get("ok") is False:
+        _check(fields, _ERROR_FIELDS, reply_id)
+        try:
+            code = ErrorCode(fields["err"])
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        return ErrorReply(reply_id, code, fields["msg"])
+    _check(fields, _RESULT_FIELDS[op], reply_id)
+    if op is Op.WRAP:
+        return WrapResult(reply_id, fields["ct"], fields["kid"])
+    if op is Op.UNWRAP:
+        return UnwrapResult(reply_id, fields["pt"])
+    return HealthResult(
+        reply_id,
+        fields["kid"],
+        tuple(_key_ids(fields["kids"], reply_id)),
+        tuple(_workers(fields["workers"], reply_id)),
+    )
+
+
+def _key_ids(values: list[Any], reply_id: int) -> list[str]:
+    if not all(type(v) is str and 0 < len(v) <= MAX_KEY_ID_LEN for v in values):
+        raise SchemaError("field 'kids' must hold key ids", reply_id)
+    return values
+
+
+def _workers(values: list[Any], reply_id: int) -> list[WorkerHealth]:
+    workers = []
+    for value in values:
+        if not (type(value) is list and len(value) == 2 and all(type(x) is str for x in value)):
+            raise SchemaError("field 'workers' must hold [state, reason] pairs", reply_id)
+        workers.append(WorkerHealth(value[0][:16], value[1][:MAX_MESSAGE_LEN]))
+    return workers
+
+
+def op_of(request: Request) -> Op:
+    if isinstance(request, WrapRequest):
+        return Op.WRAP
+    if isinstance(request, UnwrapRequest):
+        return Op.UNWRAP
+    return Op.HEALTH

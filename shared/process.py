@@ -1,0 +1,51 @@
+"""What every KeySealer entry point shares: exit codes and the one-line error contract."""
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from keysealer.shared.config_loader import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+# Bad usage, bad config, a socket already served: an operator must fix something; restarting won't help.
+EXIT_USAGE = 2
+# The token refused the PIN: retrying could lock it, so supervisors must not restart on this code.
+EXIT_BAD_PIN = 3
+
+
+class UsageError(Exception):
+    """An operator mistake reported as one line with exit code 2."""
+
+
+class FatalError(Exception):
+    """A condition that stops the process with a given exit code and one line of explanation."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_main(program: str, body: Callable[[], int]) -> NoReturn:
+    """Run an entry point: operator errors become one line on stderr and an exit code, never a traceback."""
+    try:
+        code = body()
+    except (ConfigError, UsageError) as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except FatalError as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    logging.shutdown()
+    sys.exit(code)
+
+
+def setup_logging(program: str, verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s {program}[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
