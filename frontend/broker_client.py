@@ -57,9 +57,10 @@ class BrokerClient:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # destroy() closes every socket of the context, the monitor's PAIR socket included; term() alone
+        # would wait for it forever.
         self._socket.disable_monitor()
-        self._socket.close()
-        self._context.term()
+        self._context.destroy(linger=0)
 
     async def wrap(self, plaintext: bytes, timeout: float) -> ipc_schema.WrapResult:
         reply = await self._call(lambda i, ttl: ipc_schema.WrapRequest(i, ttl, plaintext), timeout)

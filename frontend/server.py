@@ -14,6 +14,7 @@ from keysealer.frontend.health import HealthMonitor
 from keysealer.frontend.kmsv2 import api_pb2_grpc
 from keysealer.frontend.service import KmsService
 from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
+from keysealer.shared.sandbox import SandboxError, lock_down
 from keysealer.shared.socket_path import claim_socket_path, umask
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ async def serve(config: FrontendConfig) -> int:
     if gid is not None:
         os.chown(path, -1, gid)
     os.chmod(path, int(config.listen.mode, 8))
+    try:
+        lock_down()  # every socket is bound: from here on, no exec and Unix sockets only
+    except SandboxError as exc:
+        raise FatalError(f"cannot sandbox the frontend: {exc}") from None
     health.start()
     log.info("serving KMS v2 on %s (broker %s)", path, config.broker.socket)
 

@@ -38,11 +38,19 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class SandboxConfig:
+    # Let the broker open IPv4/IPv6 sockets: only for a token reached over TCP (a network HSM, a TPM
+    # simulator). Off by default: the broker then can open Unix sockets only.
+    allow_inet: bool = False
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     token: TokenConfig
     keys: KeysConfig
     ipc: IpcConfig
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 def load_broker_config(path: Path) -> BrokerConfig:

@@ -20,10 +20,11 @@ import zmq
 
 from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
-from keysealer.hsm_broker.worker import worker_main, worker_routing_id
+from keysealer.hsm_broker.worker_protocol import worker_routing_id
 from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
+from keysealer.shared.sandbox import SandboxError, lock_down
 from keysealer.shared.socket_path import claim_socket_path, umask
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class Supervisor:
 
     def run(self) -> int:
         self._bind()
+        try:
+            # Before the first worker exists, so every worker inherits the filter from its first instruction.
+            lock_down(allow_inet=self.config.sandbox.allow_inet)
+        except SandboxError as exc:
+            raise FatalError(f"cannot sandbox the broker: {exc}") from None
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         log.info("broker listening on %s with %d workers", self.config.ipc.socket, len(self._slots))
@@ -162,6 +168,9 @@ class Supervisor:
         if pid == 0:
             code = EXIT_FAILURE
             try:
+                # Imported only here, in the child: the supervisor itself never loads PyKCS11.
+                from keysealer.hsm_broker.worker import worker_main
+
                 code = worker_main(self.config, self._backend, supervisor_pid)
             except BaseException:
                 log.exception("worker crashed")

@@ -28,6 +28,9 @@ _PIN_ERRORS = frozenset({
 _BAD_DATA_ERRORS = frozenset({
     PyKCS11.CKR_ENCRYPTED_DATA_INVALID, PyKCS11.CKR_ENCRYPTED_DATA_LEN_RANGE,
 })
+# Errors that may mean bad data or a failing token: SoftHSM answers CKR_GENERAL_ERROR to a GCM tag mismatch.
+_AMBIGUOUS_ERRORS = frozenset({PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_FUNCTION_FAILED})
+SELF_TEST_BYTES = 32
 GCM_TAG_BITS = 128
 AES_KEY_BYTES = 32
 
@@ -35,9 +38,10 @@ AES_KEY_BYTES = 32
 class TokenUnavailable(Exception):
     """The token cannot serve now (absent, session lost, device error); `reason` is short and public."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, ckr: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.ckr = ckr
 
 
 class BadPin(Exception):
@@ -134,8 +138,8 @@ class Token:
     def key_ids(self) -> list[str]:
         return sorted(k.identity.key_id for k in self._by_ref.values())
 
-    def wrap(self, plaintext: bytes) -> tuple[bytes, str]:
-        key = self.current
+    def wrap(self, plaintext: bytes, key: TokenKey | None = None) -> tuple[bytes, str]:
+        key = key or self.current
         if key is None:
             raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE,
                                  f"no key labelled {self._current_label!r} in the token")
@@ -151,8 +155,35 @@ class Token:
         if key is None or key.identity.key_id != key_id:
             raise KeySealerError(ErrorCode.UNKNOWN_KEY, "key_id not known to this token or not the "
                                  "ciphertext's key")
+        try:
+            return self._decrypt(key, envelope)
+        except TokenUnavailable as exc:
+            if exc.ckr not in _AMBIGUOUS_ERRORS:
+                raise
+            # Tell a bad ciphertext from a failing token: a fresh session must round-trip known data.
+            self._replace_session()
+            probe = os.urandom(SELF_TEST_BYTES)
+            sealed, _ = self.wrap(probe, key)
+            if self._decrypt(key, ciphertext.parse(sealed)) != probe:
+                raise TokenUnavailable("token self-test returned wrong data") from None
+            raise KeySealerError(ErrorCode.BAD_CIPHERTEXT, "ciphertext failed authentication") from None
+
+    def _decrypt(self, key: TokenKey, envelope: ciphertext.Envelope) -> bytes:
         mechanism = PyKCS11.AES_GCM_Mechanism(envelope.iv, envelope.header, GCM_TAG_BITS)
         return bytes(self._call(self._session.decrypt, key.handle, envelope.sealed, mechanism))
+
+    def _replace_session(self) -> None:
+        """A new session for the one a failed call may have left in a bad state.
+
+        The new one opens before the old one closes: login state lasts while any session is open, so no
+        re-login (and no PIN) is needed.
+        """
+        try:
+            fresh = self._lib.openSession(self._slot, PyKCS11.CKF_SERIAL_SESSION)
+        except PyKCS11.PyKCS11Error as exc:
+            raise TokenUnavailable(f"cannot open a session: {error_name(exc)}", exc.value) from None
+        self.close()
+        self._session = fresh
 
     def _call(self, operation: Any, *args: Any) -> Any:
         try:
@@ -160,7 +191,7 @@ class Token:
         except PyKCS11.PyKCS11Error as exc:
             if exc.value in _BAD_DATA_ERRORS:
                 raise KeySealerError(ErrorCode.BAD_CIPHERTEXT, "ciphertext failed authentication") from None
-            raise TokenUnavailable(f"token error {error_name(exc)}") from None
+            raise TokenUnavailable(f"token error {error_name(exc)}", exc.value) from None
 
     def close(self) -> None:
         # The session may already be gone with the device.

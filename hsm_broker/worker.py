@@ -19,6 +19,7 @@ from keysealer.hsm_broker.token import BadPin, Token, TokenUnavailable, open_tok
 from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode, KeySealerError
 from keysealer.shared.process import EXIT_BAD_PIN, FatalError
+from keysealer.shared.sandbox import lock_down
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +30,16 @@ RETRY_MAX_SECONDS = 15.0
 LOGIN_ATTEMPTS_BEFORE_REPORTING = 3
 
 
-def worker_routing_id(pid: int) -> bytes:
-    return b"w%d" % pid
-
-
 class Worker:
     def __init__(self, config: BrokerConfig, backend: str) -> None:
         self._config = config
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
-        # A name the supervisor can derive from the pid it forked, to match messages to processes.
-        self._socket.setsockopt(zmq.ROUTING_ID, worker_routing_id(os.getpid()))
+        self._socket.setsockopt(zmq.ROUTING_ID, worker_protocol.worker_routing_id(os.getpid()))
         self._socket.connect(backend)
         self._token: Token | None = None
+        self._locked = False
 
     def run(self) -> int:
         delay = RETRY_FIRST_SECONDS
@@ -67,8 +64,15 @@ class Worker:
                     delay = min(delay * 2, RETRY_MAX_SECONDS)
                     continue
                 delay, failures = RETRY_FIRST_SECONDS, 0
+                self._lock_down_once()
                 self._report_ready()
             self._serve_one()
+
+    def _lock_down_once(self) -> None:
+        # After the module is loaded and logged in (what may need more), before serving any request.
+        if not self._locked:
+            lock_down(allow_inet=self._config.sandbox.allow_inet)
+            self._locked = True
 
     def _open(self) -> Token:
         pin = read_pin(self._config.token.pin_file)

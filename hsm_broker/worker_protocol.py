@@ -12,6 +12,11 @@ STATUS = b"S"
 REPLY = b"R"
 
 
+def worker_routing_id(pid: int) -> bytes:
+    """A worker's ZeroMQ name, derived from its pid so the supervisor can match messages to processes."""
+    return b"w%d" % pid
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerStatus:
     state: str  # "starting", "ready" or "failed"

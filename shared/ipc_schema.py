@@ -5,9 +5,10 @@ one connection. There are three operations and nothing else: wrap a seed, unwrap
 health. Both ends decode with the same strict rules: exact types, bounded sizes, unknown fields refused.
 """
 
+from collections.abc import Sized
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -159,11 +160,11 @@ def _check(message: dict[str, Any], spec: dict[str, _FieldSpec], request_id: int
     for name, (kind, low, high) in spec.items():
         if name not in message:
             raise SchemaError(f"missing field {name!r}", request_id)
-        value = message[name]
+        value: Any = message[name]
         # `type is` rather than isinstance: a bool must not pass for an int.
         if type(value) is not kind:
             raise SchemaError(f"field {name!r} must be {kind.__name__}", request_id)
-        size: int = value if isinstance(value, int) else len(value)
+        size: int = value if isinstance(value, int) else len(cast("Sized", value))
         if not low <= size <= high:
             raise SchemaError(f"field {name!r} out of range", request_id)
 

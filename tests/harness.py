@@ -1,0 +1,165 @@
+"""Starts the real plugin for tests: a SoftHSM token made by `keysealer dev`'s own setup code, the broker
+and the frontend as separate processes, and a gRPC client generated from proto/ on the real Unix socket."""
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
+from keysealer.shared.dev import DevLayout, prepare
+
+READY_SECONDS = 30.0
+
+
+def short_tmp_dir() -> Path:
+    # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be too deep.
+    return Path(tempfile.mkdtemp(prefix="ks-", dir="/tmp"))
+
+
+def deep_update(target: dict[str, Any], changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+class Plugin:
+    """Broker and frontend of one plugin instance, each a real process with its log in the state dir."""
+
+    def __init__(self, root: Path) -> None:
+        self.layout = DevLayout(root)
+        prepare(self.layout)
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.frontend: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+
+    # -- configuration -------------------------------------------------------------------------------
+
+    def configure(self, broker: dict[str, Any] | None = None, frontend: dict[str, Any] | None = None) -> None:
+        for path, changes in ((self.layout.broker_config, broker), (self.layout.frontend_config, frontend)):
+            if changes:
+                data = yaml.safe_load(path.read_text())
+                deep_update(data, changes)
+                path.write_text(yaml.safe_dump(data))
+
+    def broker_config(self) -> dict[str, Any]:
+        data: dict[str, Any] = yaml.safe_load(self.layout.broker_config.read_text())
+        return data
+
+    # -- processes -----------------------------------------------------------------------------------
+
+    def _spawn(self, module: str, config: Path, log_name: str) -> subprocess.Popen[bytes]:
+        log = (self.layout.root / log_name).open("ab")
+        return subprocess.Popen([sys.executable, "-m", module, "--config", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def start_broker(self) -> None:
+        self.broker = self._spawn("keysealer.hsm_broker.main", self.layout.broker_config, "broker.log")
+
+    def start_frontend(self) -> None:
+        self.frontend = self._spawn("keysealer.frontend.main", self.layout.frontend_config, "frontend.log")
+
+    def start(self) -> None:
+        self.start_broker()
+        self.start_frontend()
+        self.wait_healthy()
+
+    def stop_broker(self, signum: int = signal.SIGTERM) -> int:
+        return _stop(self.broker, signum)
+
+    def stop_frontend(self, signum: int = signal.SIGTERM) -> int:
+        return _stop(self.frontend, signum)
+
+    def stop(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        self.stop_frontend()
+        self.stop_broker()
+
+    def log(self, name: str) -> str:
+        path = self.layout.root / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- the gRPC side -------------------------------------------------------------------------------
+
+    @property
+    def stub(self) -> api_pb2_grpc.KeyManagementServiceStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(f"unix:{self.layout.kms_socket}")
+        return api_pb2_grpc.KeyManagementServiceStub(self._channel)
+
+    def status(self, timeout: float = 3.0) -> api_pb2.StatusResponse:
+        response: api_pb2.StatusResponse = self.stub.Status(api_pb2.StatusRequest(), timeout=timeout)
+        return response
+
+    def encrypt(self, plaintext: bytes, timeout: float = 3.0) -> api_pb2.EncryptResponse:
+        response: api_pb2.EncryptResponse = self.stub.Encrypt(
+            api_pb2.EncryptRequest(plaintext=plaintext, uid="test"), timeout=timeout)
+        return response
+
+    def decrypt(self, encrypted: api_pb2.EncryptResponse, timeout: float = 3.0) -> bytes:
+        response: api_pb2.DecryptResponse = self.stub.Decrypt(api_pb2.DecryptRequest(
+            ciphertext=encrypted.ciphertext, key_id=encrypted.key_id, uid="test",
+            annotations=encrypted.annotations), timeout=timeout)
+        return bytes(response.plaintext)
+
+    def wait_healthy(self, timeout: float = READY_SECONDS) -> api_pb2.StatusResponse:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            for process, name in ((self.broker, "broker"), (self.frontend, "frontend")):
+                if process is not None and process.poll() is not None:
+                    raise AssertionError(f"{name} exited with {process.returncode}:\n{self.log(name + '.log')}")
+            try:
+                status = self.status(timeout=1.0)
+                if status.healthz == "ok":
+                    return status
+                last = status.healthz
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}"
+            time.sleep(0.1)
+        raise AssertionError(f"plugin not healthy after {timeout}s: {last}\n{self.log('broker.log')}\n"
+                             f"{self.log('frontend.log')}")
+
+
+def _stop(process: subprocess.Popen[bytes] | None, signum: int) -> int:
+    if process is None:
+        return 0
+    if process.poll() is None:
+        process.send_signal(signum)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def child_pids(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@contextmanager
+def running_plugin(root: Path | None = None, **config: Any) -> Iterator[Plugin]:
+    plugin = Plugin(root or short_tmp_dir())
+    plugin.configure(**config)
+    plugin.start()
+    try:
+        yield plugin
+    finally:
+        plugin.stop()
+
+
+

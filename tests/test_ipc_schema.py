@@ -1,0 +1,540 @@
+"""Unit tests for keysealer.shared.ipc_schema: the only messages that cross the frontend/broker boundary.
+
+Round trips of every request and reply, then strictness: every malformed frame is refused with SchemaError
+(never another exception), and SchemaError carries the request id and operation when the frame named
+them, because the broker answers with them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keysealer.shared import ciphertext
+from keysealer.shared.errors import ErrorCode
+from keysealer.shared.ipc_schema import (
+    MAX_FRAME,
+    MAX_KEY_ID_LEN,
+    MAX_MESSAGE_LEN,
+    MAX_PLAINTEXT,
+    MAX_REQUEST_ID,
+    MAX_TTL_MS,
+    SCHEMA_VERSION,
+    ErrorReply,
+    HealthRequest,
+    HealthResult,
+    Op,
+    SchemaError,
+    UnwrapRequest,
+    UnwrapResult,
+    WorkerHealth,
+    WrapRequest,
+    WrapResult,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+    op_of,
+)
+
+KEY_ID = "ks1-" + "0123456789abcdef" * 2
+CT = bytes(range(ciphertext.MIN_LEN))
+REQUEST_TYPES = (WrapRequest, UnwrapRequest, HealthRequest)
+REPLY_TYPES = (WrapResult, UnwrapResult, HealthResult, ErrorReply)
+
+
+def pack(message: Any) -> bytes:
+    frame: bytes = msgpack.packb(message, use_bin_type=True)
+    return frame
+
+
+def base_request(op: Op, request_id: int = 42) -> dict[str, Any]:
+    """A valid request frame's map, as the frontend would send it."""
+    message: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, "op": op.value, "ttl": 1000}
+    if op is Op.WRAP:
+        message["pt"] = b"\x01" * 32
+    elif op is Op.UNWRAP:
+        message.update(ct=CT, kid=KEY_ID)
+    return message
+
+
+def base_result(op: Op, reply_id: int = 42) -> dict[str, Any]:
+    """A valid success reply's map, as the broker would send it."""
+    message: dict[str, Any] = {"v": SCHEMA_VERSION, "id": reply_id, "op": op.value, "ok": True}
+    if op is Op.WRAP:
+        message.update(ct=CT, kid=KEY_ID)
+    elif op is Op.UNWRAP:
+        message["pt"] = b"\x01" * 32
+    else:
+        message.update(kid=KEY_ID, kids=[KEY_ID], workers=[["ready", ""]])
+    return message
+
+
+def base_error(op: Op = Op.WRAP, reply_id: int = 42) -> dict[str, Any]:
+    return {"v": SCHEMA_VERSION, "id": reply_id, "op": op.value, "ok": False, "err": "busy", "msg": "queue full"}
+
+
+def refused_request(message: dict[str, Any]) -> SchemaError:
+    with pytest.raises(SchemaError) as info:
+        decode_request(pack(message))
+    return info.value
+
+
+def refused_reply(message: dict[str, Any]) -> SchemaError:
+    with pytest.raises(SchemaError) as info:
+        decode_reply(pack(message))
+    return info.value
+
+
+# --- round trips -------------------------------------------------------------------------------------
+
+REQUESTS = [
+    WrapRequest(id=1, ttl_ms=2500, plaintext=os.urandom(32)),
+    WrapRequest(id=0, ttl_ms=1, plaintext=b"\x00"),
+    WrapRequest(id=MAX_REQUEST_ID, ttl_ms=MAX_TTL_MS, plaintext=b"\xff" * MAX_PLAINTEXT),
+    UnwrapRequest(id=7, ttl_ms=1000, ciphertext=CT, key_id=KEY_ID),
+    UnwrapRequest(id=8, ttl_ms=MAX_TTL_MS, ciphertext=b"\xaa" * ciphertext.MAX_LEN, key_id="k" * MAX_KEY_ID_LEN),
+    UnwrapRequest(id=9, ttl_ms=1, ciphertext=CT, key_id="k"),
+    HealthRequest(id=3, ttl_ms=500),
+    HealthRequest(id=MAX_REQUEST_ID, ttl_ms=MAX_TTL_MS),
+]
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: type(r).__name__)
+def test_request_round_trip(request_: WrapRequest | UnwrapRequest | HealthRequest) -> None:
+    frame = encode_request(request_)
+    assert len(frame) <= MAX_FRAME
+    decoded = decode_request(frame)
+    assert type(decoded) is type(request_)
+    assert decoded == request_
+
+
+def test_op_of_names_every_request_type() -> None:
+    assert op_of(WrapRequest(1, 1, b"x")) is Op.WRAP
+    assert op_of(UnwrapRequest(1, 1, CT, KEY_ID)) is Op.UNWRAP
+    assert op_of(HealthRequest(1, 1)) is Op.HEALTH
+
+
+def test_encoded_request_is_the_documented_map() -> None:
+    frame = encode_request(UnwrapRequest(id=5, ttl_ms=900, ciphertext=CT, key_id=KEY_ID))
+    assert msgpack.unpackb(frame, raw=False) == {
+        "v": SCHEMA_VERSION, "id": 5, "op": "unwrap", "ttl": 900, "ct": CT, "kid": KEY_ID,
+    }
+
+
+REPLIES: list[tuple[WrapResult | UnwrapResult | HealthResult | ErrorReply, Op]] = [
+    (WrapResult(id=1, ciphertext=CT, key_id=KEY_ID), Op.WRAP),
+    (WrapResult(id=MAX_REQUEST_ID, ciphertext=b"\x01" * ciphertext.MAX_LEN, key_id="k" * MAX_KEY_ID_LEN), Op.WRAP),
+    (UnwrapResult(id=2, plaintext=os.urandom(32)), Op.UNWRAP),
+    (UnwrapResult(id=0, plaintext=b"\x00" * MAX_PLAINTEXT), Op.UNWRAP),
+    (HealthResult(id=3, current_key_id=KEY_ID, key_ids=(KEY_ID, "ks1-" + "f" * 32),
+                  workers=(WorkerHealth("ready", ""), WorkerHealth("failed", "token not reachable"))), Op.HEALTH),
+    (HealthResult(id=4, current_key_id="", key_ids=(), workers=()), Op.HEALTH),
+    (HealthResult(id=5, current_key_id="", key_ids=(), workers=(WorkerHealth("starting", "logging in"),)), Op.HEALTH),
+]
+REPLIES += [(ErrorReply(id=10 + i, code=code, message=f"because {code}"), op)
+            for i, code in enumerate(ErrorCode) for op in Op]
+
+
+@pytest.mark.parametrize(("reply", "op"), REPLIES, ids=lambda x: type(x).__name__ if not isinstance(x, Op) else x)
+def test_reply_round_trip(reply: WrapResult | UnwrapResult | HealthResult | ErrorReply, op: Op) -> None:
+    frame = encode_reply(reply, op)
+    assert len(frame) <= MAX_FRAME
+    decoded = decode_reply(frame)
+    assert type(decoded) is type(reply)
+    assert decoded == reply
+
+
+def test_error_reply_message_is_cut_to_the_limit() -> None:
+    decoded = decode_reply(encode_reply(ErrorReply(1, ErrorCode.INTERNAL, "x" * (MAX_MESSAGE_LEN + 50)), Op.WRAP))
+    assert decoded == ErrorReply(1, ErrorCode.INTERNAL, "x" * MAX_MESSAGE_LEN)
+
+
+def test_error_reply_with_an_unknown_code_becomes_internal() -> None:
+    message = base_error()
+    message["err"] = "no_such_code"
+    assert decode_reply(pack(message)) == ErrorReply(42, ErrorCode.INTERNAL, "queue full")
+
+
+def test_encode_refuses_a_frame_over_the_limit() -> None:
+    with pytest.raises(SchemaError):
+        encode_request(WrapRequest(id=1, ttl_ms=1, plaintext=b"x" * (MAX_FRAME + 1)))
+    with pytest.raises(SchemaError):
+        encode_reply(UnwrapResult(id=1, plaintext=b"x" * (MAX_FRAME + 1)), Op.UNWRAP)
+
+
+# --- strictness: field sets ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", list(Op))
+def test_request_with_unknown_field_is_refused(op: Op) -> None:
+    error = refused_request({**base_request(op), "extra": 1})
+    assert "unknown field" in str(error)
+    assert "extra" in str(error)
+    assert error.request_id == 42
+    assert error.op is op
+
+
+def test_request_with_a_reply_field_is_refused() -> None:
+    # "ok" belongs to replies; a request carrying it is not a request.
+    assert "unknown field" in str(refused_request({**base_request(Op.HEALTH), "ok": True}))
+
+
+def test_request_with_a_non_string_key_is_refused() -> None:
+    message: dict[Any, Any] = {**base_request(Op.HEALTH), b"ttl2": 1}
+    with pytest.raises(SchemaError):
+        decode_request(pack(message))
+
+
+@pytest.mark.parametrize(("op", "field"), [(op, f) for op in Op for f in base_request(op)])
+def test_request_with_missing_field_is_refused(op: Op, field: str) -> None:
+    message = base_request(op)
+    del message[field]
+    error = refused_request(message)
+    if field != "id":
+        assert error.request_id == 42
+    if field not in ("v", "id", "op"):
+        assert "missing field" in str(error)
+        assert error.op is op
+
+
+@pytest.mark.parametrize("op", list(Op))
+def test_reply_with_unknown_field_is_refused(op: Op) -> None:
+    assert "unknown field" in str(refused_reply({**base_result(op), "extra": 1}))
+    assert "unknown field" in str(refused_reply({**base_error(op), "extra": 1}))
+
+
+@pytest.mark.parametrize(("op", "field"), [(op, f) for op in Op for f in base_result(op)])
+def test_result_with_missing_field_is_refused(op: Op, field: str) -> None:
+    message = base_result(op)
+    del message[field]
+    refused_reply(message)
+
+
+@pytest.mark.parametrize("field", ["err", "msg"])
+def test_error_reply_with_missing_field_is_refused(field: str) -> None:
+    message = base_error()
+    del message[field]
+    assert "missing field" in str(refused_reply(message))
+
+
+def test_request_is_not_a_reply_and_a_reply_is_not_a_request() -> None:
+    with pytest.raises(SchemaError):
+        decode_reply(pack(base_request(Op.WRAP)))
+    with pytest.raises(SchemaError):
+        decode_request(pack(base_result(Op.WRAP)))
+
+
+# --- strictness: types ---------------------------------------------------------------------------------
+
+WRONG_TYPES = [
+    # (op, field, wrong value)
+    *[(op, field, value) for op in Op for field in ("v", "id", "ttl") for value in (True, False, 1.0, "1", b"1", None)],
+    (Op.WRAP, "pt", "x" * 32),  # str for bytes
+    (Op.WRAP, "pt", [1, 2, 3]),
+    (Op.WRAP, "pt", None),
+    (Op.UNWRAP, "ct", CT.decode("latin-1")),  # str for bytes
+    (Op.UNWRAP, "kid", KEY_ID.encode()),  # bytes for str
+    (Op.UNWRAP, "kid", 7),
+    (Op.WRAP, "op", b"wrap"),
+    (Op.WRAP, "op", 1),
+]
+
+
+@pytest.mark.parametrize(("op", "field", "value"), WRONG_TYPES, ids=repr)
+def test_request_field_of_wrong_type_is_refused(op: Op, field: str, value: Any) -> None:
+    message = {**base_request(op), field: value}
+    error = refused_request(message)
+    assert f"field {field!r} must be" in str(error)
+
+
+def test_bool_does_not_pass_for_an_int_even_when_equal() -> None:
+    # True == 1 in Python; the schema must still refuse it as a version, id or ttl.
+    error = refused_request({**base_request(Op.HEALTH), "ttl": True})
+    assert "must be int" in str(error)
+    assert error.request_id == 42
+
+
+def test_int_does_not_pass_for_a_bool_in_replies() -> None:
+    assert "must be bool" in str(refused_reply({**base_result(Op.UNWRAP), "ok": 1}))
+
+
+@pytest.mark.parametrize("kids", [[b"ks1"], [1], [""], ["k" * (MAX_KEY_ID_LEN + 1)], [None], [[KEY_ID]]], ids=repr)
+def test_health_result_with_bad_key_ids_is_refused(kids: list[Any]) -> None:
+    assert "kids" in str(refused_reply({**base_result(Op.HEALTH), "kids": kids}))
+
+
+@pytest.mark.parametrize(
+    "workers",
+    [[["ready"]], [["ready", "", ""]], [[b"ready", ""]], [["ready", 1]], ["ready"], [None], [{"state": "ready"}]],
+    ids=repr,
+)
+def test_health_result_with_bad_workers_is_refused(workers: list[Any]) -> None:
+    assert "workers" in str(refused_reply({**base_result(Op.HEALTH), "workers": workers}))
+
+
+def test_health_result_with_too_many_workers_is_refused() -> None:
+    refused_reply({**base_result(Op.HEALTH), "workers": [["ready", ""]] * 65})
+
+
+# --- strictness: sizes ---------------------------------------------------------------------------------
+
+OUT_OF_RANGE = [
+    (Op.WRAP, "pt", b""),
+    (Op.WRAP, "pt", b"x" * (MAX_PLAINTEXT + 1)),
+    (Op.UNWRAP, "ct", b"x" * (ciphertext.MIN_LEN - 1)),
+    (Op.UNWRAP, "ct", b""),
+    (Op.UNWRAP, "ct", b"x" * (ciphertext.MAX_LEN + 1)),
+    (Op.UNWRAP, "kid", ""),
+    (Op.UNWRAP, "kid", "k" * (MAX_KEY_ID_LEN + 1)),
+    *[(op, "ttl", value) for op in Op for value in (0, -1, MAX_TTL_MS + 1)],
+]
+
+
+@pytest.mark.parametrize(("op", "field", "value"), OUT_OF_RANGE,
+                         ids=lambda x: repr(x)[:20] if isinstance(x, bytes | str) else repr(x))
+def test_request_field_out_of_range_is_refused(op: Op, field: str, value: Any) -> None:
+    error = refused_request({**base_request(op), field: value})
+    assert str(error) == f"field {field!r} out of range"
+    assert error.request_id == 42
+    assert error.op is op
+
+
+@pytest.mark.parametrize("bad_id", [-1, -(2**63), MAX_REQUEST_ID + 1, 2**64 - 1])
+def test_request_id_out_of_range_is_refused_without_an_id(bad_id: int) -> None:
+    error = refused_request({**base_request(Op.WRAP), "id": bad_id})
+    assert "'id'" in str(error)
+    assert error.request_id is None
+
+
+@pytest.mark.parametrize(("field", "value"), [("ct", b"x" * (ciphertext.MIN_LEN - 1)),
+                                              ("ct", b"x" * (ciphertext.MAX_LEN + 1)),
+                                              ("kid", ""), ("kid", "k" * (MAX_KEY_ID_LEN + 1))])
+def test_wrap_result_out_of_range_is_refused(field: str, value: Any) -> None:
+    assert "out of range" in str(refused_reply({**base_result(Op.WRAP), field: value}))
+
+
+@pytest.mark.parametrize("value", [b"", b"x" * (MAX_PLAINTEXT + 1)])
+def test_unwrap_result_out_of_range_is_refused(value: bytes) -> None:
+    assert "out of range" in str(refused_reply({**base_result(Op.UNWRAP), "pt": value}))
+
+
+def test_error_reply_message_over_the_limit_is_refused() -> None:
+    refused_reply({**base_error(), "msg": "m" * (MAX_MESSAGE_LEN + 1)})
+    refused_reply({**base_error(), "err": ""})
+
+
+# --- strictness: envelope, framing ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", [0, 2, SCHEMA_VERSION + 100, -1])
+def test_wrong_schema_version_is_refused(version: int) -> None:
+    error = refused_request({**base_request(Op.WRAP), "v": version})
+    assert "'v'" in str(error)
+    assert error.request_id == 42
+    assert error.op is None
+    refused_reply({**base_result(Op.WRAP), "v": version})
+
+
+@pytest.mark.parametrize("op", ["rewrap", "WRAP", "", "x" * 17, "encrypt"])
+def test_unknown_op_is_refused(op: str) -> None:
+    error = refused_request({**base_request(Op.WRAP), "op": op})
+    assert error.request_id == 42
+    assert error.op is None
+    refused_reply({**base_result(Op.WRAP), "op": op})
+
+
+def test_frame_over_max_frame_is_refused_before_unpacking() -> None:
+    # A well-formed msgpack map that is simply too large.
+    big = pack({**base_request(Op.WRAP), "pt": b"x" * MAX_FRAME})
+    assert len(big) > MAX_FRAME
+    for decode in (decode_request, decode_reply):
+        with pytest.raises(SchemaError, match="exceeds"):
+            decode(big)
+        with pytest.raises(SchemaError, match="exceeds"):
+            decode(b"\x00" * (MAX_FRAME + 1))
+
+
+def test_frame_of_exactly_max_frame_passes_the_size_check() -> None:
+    message = base_request(Op.HEALTH)
+    room = MAX_FRAME - len(pack({**message, "x": ""}))
+    frames = [pack({**message, "x": "p" * size}) for size in range(room - 4, room + 1)]
+    frame = next(f for f in frames if len(f) == MAX_FRAME)
+    error = refused_request(msgpack.unpackb(frame))
+    assert "unknown field" in str(error)  # got past the size check; refused for the field
+    with pytest.raises(SchemaError, match="unknown field"):
+        decode_request(frame)
+
+
+GARBAGE = [
+    b"",
+    b"\xc1",  # a msgpack byte that is never used
+    b"\xff" * 16,
+    b"\x85\xa1v",  # a map announced, then cut short
+    pack(base_request(Op.WRAP))[:-1],  # truncated
+    pack(base_request(Op.WRAP)) + b"\x00",  # trailing data
+    pack(base_request(Op.WRAP)) * 2,
+    b"\xd4\x01\x00",  # an ext type
+    b"\xd6\xff\x00\x00\x00\x00",  # a msgpack timestamp
+    b"hello world",
+    os.urandom(64),
+]
+
+
+@pytest.mark.parametrize("frame", GARBAGE, ids=range(len(GARBAGE)))
+def test_garbage_is_refused(frame: bytes) -> None:
+    for decode in (decode_request, decode_reply):
+        with pytest.raises(SchemaError) as info:
+            decode(frame)
+        assert info.value.request_id is None
+        assert info.value.op is None
+
+
+@pytest.mark.parametrize("obj", [[1, 2], 1, "wrap", b"wrap", None, True, 1.5, [base_request(Op.WRAP)]], ids=repr)
+def test_msgpack_non_map_is_refused(obj: Any) -> None:
+    for decode in (decode_request, decode_reply):
+        with pytest.raises(SchemaError, match="not a map"):
+            decode(pack(obj))
+
+
+def test_map_with_non_string_keys_is_refused() -> None:
+    for decode in (decode_request, decode_reply):
+        with pytest.raises(SchemaError):
+            decode(pack({1: 2}))
+        with pytest.raises(SchemaError):
+            decode(pack({"v": 1, "id": 1, "op": "health", "ttl": 1, "nested": {(1, 2): 3}}))
+
+
+# --- SchemaError names the request when it can ------------------------------------------------------------
+
+def test_schema_error_names_request_and_op_for_a_bad_body() -> None:
+    error = refused_request({**base_request(Op.UNWRAP, request_id=9001), "kid": ""})
+    assert error.request_id == 9001
+    assert error.op is Op.UNWRAP
+
+
+def test_schema_error_names_request_even_when_op_is_missing() -> None:
+    message = base_request(Op.UNWRAP, request_id=77)
+    del message["op"]
+    error = refused_request(message)
+    assert error.request_id == 77
+    assert error.op is None
+
+
+@pytest.mark.parametrize("bad_id", [True, "42", 42.0, None, b"\x2a"], ids=repr)
+def test_schema_error_has_no_request_id_when_the_id_is_not_an_int(bad_id: Any) -> None:
+    error = refused_request({**base_request(Op.WRAP), "id": bad_id, "pt": b""})
+    assert error.request_id is None
+
+
+def test_schema_error_names_reply_id() -> None:
+    error = refused_reply({**base_result(Op.WRAP, reply_id=123), "kid": ""})
+    assert error.request_id == 123
+
+
+def test_schema_error_is_a_value_error() -> None:
+    # Callers that catch ValueError (e.g. around msgpack) must not miss it, and it keeps its message.
+    error = SchemaError("boom", 1, Op.WRAP)
+    assert isinstance(error, ValueError)
+    assert (str(error), error.request_id, error.op) == ("boom", 1, Op.WRAP)
+    assert (SchemaError("x").request_id, SchemaError("x").op) == (None, None)
+
+
+# --- properties -------------------------------------------------------------------------------------------
+
+FIELD_NAMES = ["v", "id", "op", "ttl", "pt", "ct", "kid", "ok", "err", "msg", "kids", "workers"]
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.binary(max_size=80)
+    | st.text(max_size=80)
+)
+keys = st.sampled_from(FIELD_NAMES) | st.text(max_size=8) | st.binary(max_size=4) | st.integers(-5, 5)
+structures = st.recursive(
+    leaves,
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(keys, children, max_size=8),
+    max_leaves=40,
+)
+# Maps close to valid frames, so the checks past the envelope are exercised too.
+near_frames = st.fixed_dictionaries(
+    {
+        "v": st.just(SCHEMA_VERSION) | leaves,
+        "id": st.integers(0, MAX_REQUEST_ID) | leaves,
+        "op": st.sampled_from([op.value for op in Op]) | leaves,
+    },
+    optional={
+        "ttl": st.integers(-1, MAX_TTL_MS + 1) | leaves,
+        "pt": st.binary(max_size=MAX_PLAINTEXT + 2) | leaves,
+        "ct": st.binary(min_size=ciphertext.MIN_LEN - 1, max_size=ciphertext.MIN_LEN + 8) | leaves,
+        "kid": st.text(max_size=MAX_KEY_ID_LEN + 1) | leaves,
+        "ok": st.booleans() | leaves,
+        "err": st.sampled_from([c.value for c in ErrorCode]) | st.text(max_size=40) | leaves,
+        "msg": st.text(max_size=MAX_MESSAGE_LEN + 1) | leaves,
+        "kids": st.lists(st.text(max_size=MAX_KEY_ID_LEN + 1), max_size=4) | structures,
+        "workers": st.lists(st.lists(st.text(max_size=20), min_size=1, max_size=3), max_size=4) | structures,
+        "extra": leaves,
+    },
+)
+PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _reencode_reply(reply: WrapResult | UnwrapResult | HealthResult | ErrorReply) -> bytes:
+    op = {WrapResult: Op.WRAP, UnwrapResult: Op.UNWRAP, HealthResult: Op.HEALTH}.get(type(reply), Op.WRAP)
+    return encode_reply(reply, op)
+
+
+def assert_decodes_or_refuses(frame: bytes) -> None:
+    """Either a valid object (that encodes back to itself) or SchemaError; any other exception fails."""
+    try:
+        request = decode_request(frame)
+    except SchemaError:
+        pass
+    else:
+        assert isinstance(request, REQUEST_TYPES)
+        assert decode_request(encode_request(request)) == request
+    try:
+        reply = decode_reply(frame)
+    except SchemaError:
+        pass
+    else:
+        assert isinstance(reply, REPLY_TYPES)
+        assert decode_reply(_reencode_reply(reply)) == reply
+
+
+@PROPERTY
+@given(st.binary(max_size=MAX_FRAME + 8))
+def test_decode_arbitrary_bytes_never_raises_anything_but_schema_error(frame: bytes) -> None:
+    assert_decodes_or_refuses(frame)
+
+
+@PROPERTY
+@given(structures)
+def test_decode_arbitrary_msgpack_never_raises_anything_but_schema_error(obj: Any) -> None:
+    assert_decodes_or_refuses(pack(obj))
+
+
+@PROPERTY
+@given(near_frames)
+def test_decode_near_valid_frames_never_raises_anything_but_schema_error(obj: dict[str, Any]) -> None:
+    assert_decodes_or_refuses(pack(obj))
+
+
+request_strategy = st.one_of(
+    st.builds(WrapRequest, st.integers(0, MAX_REQUEST_ID), st.integers(1, MAX_TTL_MS),
+              st.binary(min_size=1, max_size=MAX_PLAINTEXT)),
+    st.builds(UnwrapRequest, st.integers(0, MAX_REQUEST_ID), st.integers(1, MAX_TTL_MS),
+              st.binary(min_size=ciphertext.MIN_LEN, max_size=ciphertext.MAX_LEN),
+              st.text(min_size=1, max_size=MAX_KEY_ID_LEN)),
+    st.builds(HealthRequest, st.integers(0, MAX_REQUEST_ID), st.integers(1, MAX_TTL_MS)),
+)
+
+
+@PROPERTY
+@given(request_strategy)
+def test_every_valid_request_round_trips(request_: WrapRequest | UnwrapRequest | HealthRequest) -> None:
+    assert decode_request(encode_request(request_)) == request_
