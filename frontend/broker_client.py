@@ -45,6 +45,8 @@ class BrokerClient:
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = False
+        # Counts lost connections: a health probe only vouches for the connection it ran on.
+        self.connection_epoch = 0
 
     async def start(self) -> None:
         monitor = self._socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -111,6 +113,7 @@ class BrokerClient:
                 log.info("connected to the broker")
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected = False
+                self.connection_epoch += 1
                 log.warning("lost the connection to the broker")
                 self._fail_pending("lost the connection to the broker")
 

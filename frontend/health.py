@@ -41,6 +41,7 @@ class HealthMonitor:
         self._known_key_ids: frozenset[str] = frozenset()
         self._keys_refreshed = 0.0
         self._last_success = float("-inf")
+        self._success_epoch = -1
         self._failure: str | None = "starting: first health probe pending"
         self._failure_is_soft = False
         self._refresh: asyncio.Task[None] | None = None
@@ -56,10 +57,16 @@ class HealthMonitor:
                 await self._task
 
     def current(self) -> Health:
-        fresh = time.monotonic() - self._last_success <= self._config.max_age_seconds
-        if fresh and (self._failure is None or self._failure_is_soft):
+        if not self._client.connected:
+            return Health(False, "broker unreachable", self._key_id)
+        if self._failure is not None and not self._failure_is_soft:
+            return Health(False, self._failure, self._key_id)
+        if self._success_epoch != self._client.connection_epoch:
+            return Health(False, "reconnected to the broker; health probe pending", self._key_id)
+        if time.monotonic() - self._last_success <= self._config.max_age_seconds:
             return Health(True, "ok", self._key_id)
-        return Health(False, self._failure or "no recent successful health probe", self._key_id)
+        # Only slow probes since the last success (or one still running): the broker is not keeping up.
+        return Health(False, self._failure or "broker not answering", self._key_id)
 
     async def is_known_key(self, key_id: str) -> bool:
         """Whether the token holds this key; an id not seen yet triggers one coalesced lookup (rotation)."""
@@ -77,9 +84,10 @@ class HealthMonitor:
             await self.probe()
             interval = self._config.probe_interval_seconds
             # While unhealthy, look again soon: recovery should show without waiting a full interval.
-            await asyncio.sleep(interval if self._failure is None else min(interval, UNHEALTHY_RETRY_SECONDS))
+            await asyncio.sleep(interval if self.current().healthy else min(interval, UNHEALTHY_RETRY_SECONDS))
 
     async def probe(self) -> None:
+        epoch = self._client.connection_epoch
         try:
             await self._refresh_keys()
             seed = os.urandom(PROBE_SEED_BYTES)
@@ -96,6 +104,7 @@ class HealthMonitor:
                 log.info("health probe succeeded: healthy")
             self._failure, self._failure_is_soft = None, False
             self._last_success = time.monotonic()
+            self._success_epoch = epoch
 
     async def _refresh_keys(self) -> None:
         health = await self._client.health(self._timeout)

@@ -154,7 +154,7 @@ class Supervisor:
     def _spawn_due_workers(self) -> None:
         # One worker logs in at a time: SoftHSM rewrites its token file on login, and a wrong PIN
         # must cost one failed login, not one per worker.
-        if any(slot.pid and slot.status.state == "starting" for slot in self._slots):
+        if any(slot.pid and slot.status.state in ("starting", "fatal") for slot in self._slots):
             return
         now = time.monotonic()
         for slot in self._slots:
@@ -280,7 +280,7 @@ class Supervisor:
         return ipc_schema.HealthResult(request_id, current, tuple(key_ids), workers)
 
     def _not_ready_reason(self) -> str:
-        reasons = [s.status.reason for s in self._slots if s.status.state == "failed" and s.status.reason]
+        reasons = [s.status.reason for s in self._slots if s.status.state in ("failed", "fatal") and s.status.reason]
         return reasons[0] if reasons else "broker starting: no worker has opened the token yet"
 
     def _reply_error(self, client: bytes, request_id: int, op: ipc_schema.Op, code: ErrorCode,

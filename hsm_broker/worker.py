@@ -50,10 +50,10 @@ class Worker:
                 try:
                     self._token = self._open()
                 except BadPin as exc:
-                    self._report("failed", f"{exc}; not retried: a token locks after a few failed logins")
+                    self._report("fatal", f"{exc}; not retried: a token locks after a few failed logins")
                     return EXIT_BAD_PIN
                 except FatalError as exc:
-                    self._report("failed", str(exc))
+                    self._report("fatal", str(exc))
                     return exc.exit_code
                 except TokenUnavailable as exc:
                     failures += 1

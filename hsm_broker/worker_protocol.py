@@ -19,7 +19,7 @@ def worker_routing_id(pid: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class WorkerStatus:
-    state: str  # "starting", "ready" or "failed"
+    state: str  # "starting", "ready", "failed" (retrying) or "fatal" (about to exit; never restart it)
     reason: str  # short, public: why the worker is not ready
     current_key_id: str
     key_ids: tuple[str, ...]
