@@ -1,0 +1,144 @@
+"""The broker's IPC socket, spoken to directly: the schema is enforced there, not only in the frontend."""
+
+import os
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+import zmq
+from harness import Plugin
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keysealer.shared import ipc_schema
+from keysealer.shared.errors import ErrorCode
+
+REPLY_TIMEOUT_MS = 3000
+QUIET_MS = 300
+
+
+@pytest.fixture
+def dealer(shared_plugin: Plugin) -> Iterator[zmq.Socket[bytes]]:
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{shared_plugin.layout.broker_socket}")
+    yield sock
+    context.destroy(linger=0)
+
+
+def _exchange(sock: zmq.Socket[bytes], frame: bytes, wait_ms: int = REPLY_TIMEOUT_MS) -> ipc_schema.Reply | None:
+    sock.send(frame)
+    if not sock.poll(wait_ms):
+        return None
+    return ipc_schema.decode_reply(sock.recv())
+
+
+def _round_trip(sock: zmq.Socket[bytes]) -> None:
+    """The broker still serves correctly: wrap and unwrap a fresh seed."""
+    seed = os.urandom(32)
+    wrapped = _exchange(sock, ipc_schema.encode_request(ipc_schema.WrapRequest(1, 3000, seed)))
+    assert isinstance(wrapped, ipc_schema.WrapResult)
+    unwrapped = _exchange(sock, ipc_schema.encode_request(
+        ipc_schema.UnwrapRequest(2, 3000, wrapped.ciphertext, wrapped.key_id)))
+    assert isinstance(unwrapped, ipc_schema.UnwrapResult) and unwrapped.plaintext == seed
+
+
+def test_health_reports_every_worker_and_the_current_key(dealer: zmq.Socket[bytes], shared_plugin: Plugin) -> None:
+    reply = _exchange(dealer, ipc_schema.encode_request(ipc_schema.HealthRequest(7, 1000)))
+    assert isinstance(reply, ipc_schema.HealthResult) and reply.id == 7
+    assert reply.current_key_id == shared_plugin.status().key_id
+    assert reply.current_key_id in reply.key_ids
+    assert [w.state for w in reply.workers] == ["ready", "ready"]
+
+
+def test_replies_match_requests_by_id_with_many_in_flight(dealer: zmq.Socket[bytes]) -> None:
+    seeds = {request_id: os.urandom(32) for request_id in range(100, 300)}
+    for request_id, seed in seeds.items():
+        dealer.send(ipc_schema.encode_request(ipc_schema.WrapRequest(request_id, 5000, seed)))
+    wrapped = {}
+    for _ in seeds:
+        assert dealer.poll(REPLY_TIMEOUT_MS)
+        reply = ipc_schema.decode_reply(dealer.recv())
+        assert isinstance(reply, ipc_schema.WrapResult)
+        wrapped[reply.id] = reply
+    assert wrapped.keys() == seeds.keys()
+    for request_id, reply in wrapped.items():
+        dealer.send(ipc_schema.encode_request(
+            ipc_schema.UnwrapRequest(request_id, 5000, reply.ciphertext, reply.key_id)))
+    for _ in seeds:
+        assert dealer.poll(REPLY_TIMEOUT_MS)
+        reply = ipc_schema.decode_reply(dealer.recv())
+        assert isinstance(reply, ipc_schema.UnwrapResult) and reply.plaintext == seeds[reply.id]
+
+
+def test_schema_violations_with_an_id_get_an_error_reply(dealer: zmq.Socket[bytes]) -> None:
+    cases = [
+        {"v": 1, "id": 5, "op": "wrap", "ttl": 1000, "pt": b"x" * 32, "extra": 1},  # unknown field
+        {"v": 1, "id": 5, "op": "wrap", "ttl": True, "pt": b"x" * 32},  # bool for int
+        {"v": 1, "id": 5, "op": "wrap", "ttl": 1000, "pt": "text"},  # str for bytes
+        {"v": 1, "id": 5, "op": "wrap", "ttl": 1000, "pt": b"x" * 300},  # too large a seed
+        {"v": 1, "id": 5, "op": "unwrap", "ttl": 1000, "ct": b"x" * 10, "kid": "k"},  # too short
+    ]
+    for case in cases:
+        reply = _exchange(dealer, msgpack.packb(case))
+        assert isinstance(reply, ipc_schema.ErrorReply), case
+        assert reply.id == 5 and reply.code is ErrorCode.INVALID_REQUEST
+    _round_trip(dealer)
+
+
+def test_undecodable_frames_are_dropped_without_reply(dealer: zmq.Socket[bytes]) -> None:
+    for frame in (b"", b"\xc1", b"garbage", msgpack.packb([1, 2, 3]),
+                  msgpack.packb({"v": 2, "id": 1, "op": "wrap"}), msgpack.packb({"v": 1, "id": 1, "op": "list"})):
+        assert _exchange(dealer, frame, QUIET_MS) is None, frame
+    dealer.send_multipart([b"two", b"frames"])
+    assert not dealer.poll(QUIET_MS)
+    _round_trip(dealer)
+
+
+def test_an_oversized_frame_disconnects_its_sender_but_not_the_broker(shared_plugin: Plugin) -> None:
+    context = zmq.Context()
+    try:
+        rogue = context.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(f"ipc://{shared_plugin.layout.broker_socket}")
+        request = {"v": 1, "id": 1, "op": "health", "ttl": 1000, "pad": b"x" * (ipc_schema.MAX_FRAME + 1)}
+        assert _exchange(rogue, msgpack.packb(request), QUIET_MS) is None
+        honest = context.socket(zmq.DEALER)
+        honest.setsockopt(zmq.LINGER, 0)
+        honest.connect(f"ipc://{shared_plugin.layout.broker_socket}")
+        _round_trip(honest)
+    finally:
+        context.destroy(linger=0)
+    assert shared_plugin.status().healthz == "ok"
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats() | st.binary(max_size=64)
+    | st.text(max_size=16) | st.sampled_from(["wrap", "unwrap", "health"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=8,
+)
+_near_valid = st.fixed_dictionaries(
+    {"v": st.sampled_from([1, 1, 2, True]), "id": st.integers(0, 2**63 - 1),
+     "op": st.sampled_from(["wrap", "unwrap", "health"])},
+    optional={"ttl": _values | st.integers(0, 70_000), "pt": _values, "ct": _values | st.binary(max_size=1100),
+              "kid": _values, "x": _values},
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=st.binary(max_size=256) | _values.map(msgpack.packb) | _near_valid.map(msgpack.packb))
+def test_fuzzed_frames_never_yield_plaintext_or_stall_the_broker(dealer: zmq.Socket[bytes], frame: bytes) -> None:
+    dealer.send(frame)
+    if dealer.poll(20):
+        reply = ipc_schema.decode_reply(dealer.recv())
+        # A fuzzed frame may be a valid wrap or health request; it must never unwrap anything.
+        assert not isinstance(reply, ipc_schema.UnwrapResult)
+
+
+def test_broker_serves_correctly_after_the_fuzzing(dealer: zmq.Socket[bytes], shared_plugin: Plugin) -> None:
+    while dealer.poll(QUIET_MS):
+        dealer.recv()  # replies to fuzzed requests still in flight
+    _round_trip(dealer)
+    assert shared_plugin.broker is not None and shared_plugin.broker.poll() is None
