@@ -463,7 +463,7 @@ structures = st.recursive(
 edge_values = st.sampled_from([
     0, -1, 1, 2, SCHEMA_VERSION + 1, MAX_TTL_MS, MAX_TTL_MS + 1, MAX_REQUEST_ID, MAX_REQUEST_ID + 1, 2**64 - 1,
     True, False, "", "wrap", "unwrap", "health", b"", b"x" * (ciphertext.MIN_LEN - 1), b"x" * (MAX_PLAINTEXT + 1),
-    "k" * (MAX_KEY_ID_LEN + 1), [], [""], [["ready"]], [["ready", "", ""]],
+    "k" * (MAX_KEY_ID_LEN + 1), [], [""], [1], [b"ks1"], [["ready"]], [["ready", "", ""]], [[1, "x"]], [[b"ready", ""]],
 ])
 
 
@@ -511,22 +511,54 @@ def _reencode_reply(reply: WrapResult | UnwrapResult | HealthResult | ErrorReply
     return encode_reply(reply, op)
 
 
+def in_range(value: object, kind: type, low: int, high: int) -> bool:
+    return type(value) is kind and low <= (value if isinstance(value, int) else len(value)) <= high  # type: ignore[arg-type]
+
+
+def assert_valid_request(request: object) -> None:
+    assert isinstance(request, REQUEST_TYPES)
+    assert in_range(request.id, int, 0, MAX_REQUEST_ID)
+    assert in_range(request.ttl_ms, int, 1, MAX_TTL_MS)
+    if isinstance(request, WrapRequest):
+        assert in_range(request.plaintext, bytes, 1, MAX_PLAINTEXT)
+    if isinstance(request, UnwrapRequest):
+        assert in_range(request.ciphertext, bytes, ciphertext.MIN_LEN, ciphertext.MAX_LEN)
+        assert in_range(request.key_id, str, 1, MAX_KEY_ID_LEN)
+    assert decode_request(encode_request(request)) == request
+
+
+def assert_valid_reply(reply: object) -> None:
+    assert isinstance(reply, REPLY_TYPES)
+    assert in_range(reply.id, int, 0, MAX_REQUEST_ID)
+    if isinstance(reply, WrapResult):
+        assert in_range(reply.ciphertext, bytes, ciphertext.MIN_LEN, ciphertext.MAX_LEN)
+        assert in_range(reply.key_id, str, 1, MAX_KEY_ID_LEN)
+    elif isinstance(reply, UnwrapResult):
+        assert in_range(reply.plaintext, bytes, 1, MAX_PLAINTEXT)
+    elif isinstance(reply, HealthResult):
+        assert in_range(reply.current_key_id, str, 0, MAX_KEY_ID_LEN)
+        assert all(in_range(k, str, 1, MAX_KEY_ID_LEN) for k in reply.key_ids)
+        assert all(type(w) is WorkerHealth and type(w.state) is str and type(w.reason) is str for w in reply.workers)
+    else:
+        assert type(reply.code) is ErrorCode
+        assert in_range(reply.message, str, 0, MAX_MESSAGE_LEN)
+    assert decode_reply(_reencode_reply(reply)) == reply
+
+
 def assert_decodes_or_refuses(frame: bytes) -> None:
-    """Either a valid object (that encodes back to itself) or SchemaError; any other exception fails."""
+    """Either a valid object (in range, and encoding back to itself) or SchemaError; any other exception fails."""
     try:
         request = decode_request(frame)
     except SchemaError:
         pass
     else:
-        assert isinstance(request, REQUEST_TYPES)
-        assert decode_request(encode_request(request)) == request
+        assert_valid_request(request)
     try:
         reply = decode_reply(frame)
     except SchemaError:
         pass
     else:
-        assert isinstance(reply, REPLY_TYPES)
-        assert decode_reply(_reencode_reply(reply)) == reply
+        assert_valid_reply(reply)
 
 
 @PROPERTY

@@ -154,11 +154,13 @@ def test_sigterm_stops_cleanly_and_removes_sockets(plugin: Plugin) -> None:
 def test_stale_sockets_are_taken_over_and_live_ones_never_are(plugin: Plugin) -> None:
     # A live frontend's socket is refused by a second frontend with the same config.
     second = subprocess.run([sys.executable, "-m", "keysealer.frontend.main", "--config",
-                             str(plugin.layout.frontend_config)], capture_output=True, text=True, timeout=30, check=False)
+                             str(plugin.layout.frontend_config)],
+                            capture_output=True, text=True, timeout=30, check=False)
     assert second.returncode == EXIT_USAGE
     assert "served by another live process" in second.stderr
     second_broker = subprocess.run([sys.executable, "-m", "keysealer.hsm_broker.main", "--config",
-                                    str(plugin.layout.broker_config)], capture_output=True, text=True, timeout=30, check=False)
+                                    str(plugin.layout.broker_config)],
+                                   capture_output=True, text=True, timeout=30, check=False)
     assert second_broker.returncode == EXIT_USAGE
     assert plugin.status().healthz == "ok"
     # Crash both: the sockets stay behind, and the next start takes them over.
