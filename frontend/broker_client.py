@@ -19,6 +19,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode, KeySealerError
+from keysealer.shared.ipc_keys import KeyPair
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,18 @@ R = TypeVar("R")
 
 
 class BrokerClient:
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, own_key: KeyPair, broker_public_key: bytes) -> None:
         self._endpoint = f"ipc://{socket_path}"
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
+        self._socket.curve_publickey = own_key.public
+        self._socket.curve_secretkey = own_key.secret
+        # Only a broker holding the secret half of this key completes the handshake.
+        self._socket.curve_serverkey = broker_public_key
         for option, value in (
             (zmq.LINGER, 0),
             (zmq.IMMEDIATE, 1),
-            (zmq.MAXMSGSIZE, ipc_schema.MAX_FRAME),
+            (zmq.MAXMSGSIZE, ipc_schema.MAX_REPLY_FRAME),
             (zmq.RECONNECT_IVL, 100),
             (zmq.RECONNECT_IVL_MAX, 1000),
             (zmq.SNDHWM, 100_000),
@@ -45,11 +50,14 @@ class BrokerClient:
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = False
+        self.refused = False  # the broker rejected our credentials at the last handshake
         # Counts lost connections: a health probe only vouches for the connection it ran on.
         self.connection_epoch = 0
 
     async def start(self) -> None:
-        monitor = self._socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self._socket.connect(self._endpoint)
         self._tasks = [asyncio.create_task(self._read_replies()), asyncio.create_task(self._watch(monitor))]
 
@@ -108,9 +116,14 @@ class BrokerClient:
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
+                self.refused = False
                 log.info("connected to the broker")
+            elif event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                if not self.refused:
+                    log.error("the broker refused this frontend's IPC credentials (CURVE key or user)")
+                self.refused = True
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected = False
                 self.connection_epoch += 1

@@ -18,6 +18,10 @@ class ListenConfig:
 @dataclass(frozen=True)
 class BrokerLinkConfig:
     socket: Path
+    # This frontend's CURVE certificate (NAME.key_secret from `keysealer ipc-keygen`).
+    client_key: Path
+    # The broker's public certificate (NAME.key): a broker without its secret half is never trusted.
+    server_key: Path
 
 
 @dataclass(frozen=True)

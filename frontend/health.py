@@ -58,7 +58,8 @@ class HealthMonitor:
 
     def current(self) -> Health:
         if not self._client.connected:
-            return Health(False, "broker unreachable", self._key_id)
+            reason = "broker refused our IPC credentials" if self._client.refused else "broker unreachable"
+            return Health(False, reason, self._key_id)
         if self._failure is not None and not self._failure_is_soft:
             return Health(False, self._failure, self._key_id)
         if self._success_epoch != self._client.connection_epoch:
@@ -69,7 +70,11 @@ class HealthMonitor:
         return Health(False, self._failure or "broker not answering", self._key_id)
 
     async def is_known_key(self, key_id: str) -> bool:
-        """Whether the token holds this key; an id not seen yet triggers one coalesced lookup (rotation)."""
+        """Whether the token holds this key; an id not seen yet triggers one coalesced lookup (rotation).
+
+        Raises TOKEN_UNAVAILABLE when the broker's key set cannot be vouched for (broker unreachable, no
+        worker ready): "unknown key" would then be a wrong answer to a request that may be fine.
+        """
         if key_id in self._known_key_ids:
             return True
         if time.monotonic() - self._keys_refreshed >= KEY_REFRESH_MIN_SECONDS:
@@ -77,7 +82,12 @@ class HealthMonitor:
                 self._refresh = asyncio.create_task(self._refresh_keys())
             with contextlib.suppress(KeySealerError, TimeoutError):
                 await asyncio.shield(self._refresh)
-        return key_id in self._known_key_ids
+        if key_id in self._known_key_ids:
+            return True
+        trusted = time.monotonic() - self._keys_refreshed <= self._config.max_age_seconds
+        if not (trusted and self._client.connected):
+            raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, f"cannot check the key_id: {self.current().reason}")
+        return False
 
     async def _run(self) -> None:
         while True:
@@ -108,10 +118,11 @@ class HealthMonitor:
 
     async def _refresh_keys(self) -> None:
         health = await self._client.health(self._timeout)
-        self._keys_refreshed = time.monotonic()
         self._known_key_ids = frozenset(health.key_ids)
         self._key_id = health.current_key_id
-        if not health.current_key_id:
+        if health.current_key_id:
+            self._keys_refreshed = time.monotonic()  # a key set from ready workers: trustworthy
+        else:
             reason = next((w.reason for w in health.workers if w.reason), "no current key")
             raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, reason)
 

@@ -1,7 +1,6 @@
 """The frontend process: serve the KMS v2 API on a Unix socket until SIGTERM/SIGINT, then stop cleanly."""
 
 import asyncio
-import grp
 import logging
 import os
 import signal
@@ -13,9 +12,10 @@ from keysealer.frontend.config import FrontendConfig
 from keysealer.frontend.health import HealthMonitor
 from keysealer.frontend.kmsv2 import api_pb2_grpc
 from keysealer.frontend.service import KmsService
+from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
 from keysealer.shared.sandbox import SandboxError, lock_down
-from keysealer.shared.socket_path import claim_socket_path, umask
+from keysealer.shared.socket_path import claim_socket_path, group_id, umask
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,9 @@ MAX_MESSAGE_BYTES = 64 * 1024
 async def serve(config: FrontendConfig) -> int:
     path = config.listen.socket
     claim_socket_path(path)
-    gid = _group_id(config.listen.group)
-    client = BrokerClient(config.broker.socket)
+    gid = None if config.listen.group is None else group_id(config.listen.group, "listen.group")
+    client = BrokerClient(config.broker.socket, load_keypair(config.broker.client_key),
+                          load_public_key(config.broker.server_key))
     await client.start()
     health = HealthMonitor(client, config.health, config.limits.call_timeout_seconds)
     server = grpc.aio.server(options=[
@@ -38,7 +39,10 @@ async def serve(config: FrontendConfig) -> int:
     api_pb2_grpc.add_KeyManagementServiceServicer_to_server(
         KmsService(client, health, config.limits), server)
     with umask(0o177):  # the socket is 0600 from the moment it exists
-        server.add_insecure_port(f"unix:{path}")
+        try:
+            server.add_insecure_port(f"unix:{path}")
+        except RuntimeError:
+            raise FatalError(f"listen.socket: cannot bind {path}", EXIT_USAGE) from None
         await server.start()
     if gid is not None:
         os.chown(path, -1, gid)
@@ -61,12 +65,3 @@ async def serve(config: FrontendConfig) -> int:
     await client.close()
     path.unlink(missing_ok=True)
     return EXIT_OK
-
-
-def _group_id(group: str | None) -> int | None:
-    if group is None:
-        return None
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise FatalError(f"listen.group: no group named {group!r}", EXIT_USAGE) from None

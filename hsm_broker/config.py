@@ -26,6 +26,12 @@ class KeysConfig:
 @dataclass(frozen=True)
 class IpcConfig:
     socket: Path
+    # The broker's CURVE certificate (NAME.key_secret from `keysealer ipc-keygen`).
+    server_key: Path
+    # Public certificates (NAME.key) of the frontends admitted to the socket.
+    client_keys: list[Path]
+    # The frontend's user: only its processes may connect. Unset: the broker's own user.
+    frontend_user: str | None = None
     # Group given to the socket directory so the frontend's user can reach the socket.
     group: str | None = None
 
@@ -69,3 +75,5 @@ def _validate(config: BrokerConfig, path: Path) -> None:
         raise ConfigError(f"{path}: token.module: no such file: {token.module}")
     if not config.keys.current_label:
         raise ConfigError(f"{path}: keys.current_label: must not be empty")
+    if not config.ipc.client_keys:
+        raise ConfigError(f"{path}: ipc.client_keys: list at least one frontend public key")

@@ -13,7 +13,7 @@ import PyKCS11
 
 from keysealer.hsm_broker.config import BrokerConfig, load_broker_config
 from keysealer.hsm_broker.key_naming import KeyIdentity, new_token_object_id, newest_with_label
-from keysealer.hsm_broker.pin import read_pin
+from keysealer.hsm_broker.pin import read_pin, read_pin_file
 from keysealer.hsm_broker.token import (
     AES_KEY_BYTES,
     BadPin,
@@ -114,7 +114,7 @@ def init_token(config_path: Path, so_pin_file: Path) -> int:
             if not lib.getTokenInfo(s).flags & PyKCS11.CKF_TOKEN_INITIALIZED]
     if not free:
         raise FatalError("no uninitialised token to initialise")
-    so_pin, pin = read_pin(so_pin_file), read_pin(token.pin_file)
+    so_pin, pin = read_pin_file(so_pin_file), read_pin(token.pin_file)
     try:
         lib.initToken(free[0], bytes(so_pin), token.token_label.ljust(32))  # CK labels are blank-padded
         # SoftHSM gives the new token a new slot id: look it up again by label.

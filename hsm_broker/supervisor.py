@@ -9,6 +9,7 @@ that die.
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import time
 from collections import deque
@@ -20,12 +21,14 @@ import zmq
 
 from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
+from keysealer.hsm_broker.ipc_auth import ZAP_DOMAIN, ZAP_ENDPOINT, PeerPolicy, zap_reply
 from keysealer.hsm_broker.worker_protocol import worker_routing_id
 from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode
+from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
 from keysealer.shared.sandbox import SandboxError, lock_down
-from keysealer.shared.socket_path import claim_socket_path, umask
+from keysealer.shared.socket_path import claim_socket_path, group_id, umask
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class Supervisor:
         self._context = zmq.Context()
         self._front = self._context.socket(zmq.ROUTER)
         self._back = self._context.socket(zmq.ROUTER)
+        self._zap = self._context.socket(zmq.REP)
+        self._policy = _peer_policy(self.config)
         socket_path = self.config.ipc.socket
         self._worker_dir = socket_path.parent / "workers"
         self._backend = f"ipc://{self._worker_dir / 'backend.sock'}"
@@ -94,10 +99,13 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self._front, zmq.POLLIN)
         poller.register(self._back, zmq.POLLIN)
+        poller.register(self._zap, zmq.POLLIN)
         try:
             while not self._stopping:
                 self._spawn_due_workers()
                 events = dict(poller.poll(POLL_MS))
+                if self._zap in events:
+                    self._drain(self._zap, self._answer_zap)
                 if self._back in events:
                     self._drain(self._back, self._on_worker_message)
                 if self._front in events:
@@ -121,9 +129,18 @@ class Supervisor:
             sock.setsockopt(zmq.RCVHWM, 100_000)
             sock.setsockopt(zmq.SNDHWM, 100_000)
         # A peer sending a frame larger than the schema allows is disconnected by ZeroMQ itself.
-        self._front.setsockopt(zmq.MAXMSGSIZE, ipc_schema.MAX_FRAME)
+        self._front.setsockopt(zmq.MAXMSGSIZE, ipc_schema.MAX_REQUEST_FRAME)
+        # Every connection is authenticated (CURVE key and peer uid) by zap_reply before any message.
+        self._zap.bind(ZAP_ENDPOINT)
+        server = load_keypair(self.config.ipc.server_key)
+        self._front.curve_server = True
+        self._front.curve_publickey = server.public
+        self._front.curve_secretkey = server.secret
+        self._front.zap_domain = ZAP_DOMAIN
         with umask(0o117):  # socket 0660 from the moment it exists
             self._front.bind(f"ipc://{socket_path}")
+        if self.config.ipc.group is not None:
+            os.chown(socket_path, -1, group_id(self.config.ipc.group, "ipc.group"))
         with umask(0o177):
             self._back.bind(self._backend)
 
@@ -143,9 +160,7 @@ class Supervisor:
             if slot.pid:
                 _signal(slot.pid, signal.SIGKILL)
                 os.waitpid(slot.pid, 0)
-        self._front.close()
-        self._back.close()
-        self._context.term()
+        self._context.destroy(linger=0)
         self.config.ipc.socket.unlink(missing_ok=True)
         (self._worker_dir / "backend.sock").unlink(missing_ok=True)
 
@@ -210,7 +225,8 @@ class Supervisor:
         if not restart:
             return
         if fatal:
-            raise FatalError(slot.status.reason or f"worker exited with code {code}", code)
+            reason = slot.status.reason if slot.status.state == "fatal" else f"worker exited with code {code}"
+            raise FatalError(reason, code)
         log.warning("worker %s exited with code %d", routing_id.decode(), code)
         now = time.monotonic()
         if now - slot.started > STABLE_SECONDS:
@@ -237,6 +253,9 @@ class Supervisor:
             self._idle.remove(routing_id)
 
     # -- clients -------------------------------------------------------------------------------------
+
+    def _answer_zap(self, frames: list[bytes]) -> None:
+        self._zap.send_multipart(zap_reply(frames, self._policy))
 
     def _on_client_message(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
@@ -299,16 +318,20 @@ class Supervisor:
             handle(frames)
 
 
+def _peer_policy(config: BrokerConfig) -> PeerPolicy:
+    user = config.ipc.frontend_user
+    try:
+        uid = os.geteuid() if user is None else pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise FatalError(f"ipc.frontend_user: no user named {user!r}", EXIT_USAGE) from None
+    keys = frozenset(load_public_key(path) for path in config.ipc.client_keys)
+    return PeerPolicy(client_keys=keys, allowed_uids=frozenset({uid}))
+
+
 def _prepare_directory(path: Path, mode: int, group: str | None) -> None:
     path.mkdir(mode=mode, parents=True, exist_ok=True)
     if group is not None:
-        import grp
-
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise FatalError(f"ipc.group: no group named {group!r}", EXIT_USAGE) from None
-        os.chown(path, -1, gid)
+        os.chown(path, -1, group_id(group, "ipc.group"))
     os.chmod(path, mode)
 
 

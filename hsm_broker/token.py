@@ -65,7 +65,8 @@ def load_module(config: TokenConfig) -> PyKCS11.PyKCS11Lib:
     try:
         lib.load(str(config.module))
     except PyKCS11.PyKCS11Error as exc:
-        raise TokenUnavailable(f"cannot load PKCS #11 module: {error_name(exc)}") from None
+        raise TokenUnavailable(f"cannot load PKCS #11 module {config.module.name}: {exc.text or error_name(exc)}",
+                               exc.value) from None
     return lib
 
 
@@ -129,7 +130,12 @@ class Token:
         self.refresh_keys()
 
     def refresh_keys(self) -> None:
-        keys = find_keys(self._session)
+        """Read the token's key set again: another process (`keysealer keys create`, another node) may
+        have added keys since."""
+        try:
+            keys = find_keys(self._session)
+        except PyKCS11.PyKCS11Error as exc:
+            raise TokenUnavailable(f"cannot list keys: {error_name(exc)}", exc.value) from None
         self._by_ref = {k.identity.key_ref: k for k in keys}
         newest = newest_with_label([k.identity for k in keys], self._current_label)
         self.current = self._by_ref[newest.key_ref] if newest else None
@@ -203,8 +209,5 @@ def open_token(config: TokenConfig, current_label: str, pin: bytearray) -> Token
     lib = load_module(config)
     slot = find_slot(lib, config)
     session = open_user_session(lib, slot, pin)
-    try:
-        return Token(config, current_label, lib, slot, session)
-    except PyKCS11.PyKCS11Error as exc:
-        raise TokenUnavailable(f"cannot list keys: {error_name(exc)}") from None
+    return Token(config, current_label, lib, slot, session)
 

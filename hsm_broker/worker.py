@@ -28,6 +28,11 @@ RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 15.0
 # SoftHSM rewrites its token file on login, so logins racing another process can fail spuriously.
 LOGIN_ATTEMPTS_BEFORE_REPORTING = 3
+LAST_WORDS_LINGER_MS = 2000
+# How stale a worker's view of the token's key set may get, and how often an unknown key_id may make it
+# look again (bounded, so bad requests cannot turn into a stream of C_FindObjects).
+KEY_REFRESH_SECONDS = 5.0
+UNKNOWN_KEY_REFRESH_SECONDS = 1.0
 
 
 class Worker:
@@ -40,6 +45,7 @@ class Worker:
         self._socket.connect(backend)
         self._token: Token | None = None
         self._locked = False
+        self._keys_read_at = 0.0
 
     def run(self) -> int:
         delay = RETRY_FIRST_SECONDS
@@ -50,11 +56,10 @@ class Worker:
                 try:
                     self._token = self._open()
                 except BadPin as exc:
-                    self._report("fatal", f"{exc}; not retried: a token locks after a few failed logins")
-                    return EXIT_BAD_PIN
+                    return self._last_words(f"{exc}; not retried: a token locks after a few failed logins",
+                                            EXIT_BAD_PIN)
                 except FatalError as exc:
-                    self._report("fatal", str(exc))
-                    return exc.exit_code
+                    return self._last_words(str(exc), exc.exit_code)
                 except TokenUnavailable as exc:
                     failures += 1
                     if failures >= LOGIN_ATTEMPTS_BEFORE_REPORTING:
@@ -64,9 +69,12 @@ class Worker:
                     delay = min(delay * 2, RETRY_MAX_SECONDS)
                     continue
                 delay, failures = RETRY_FIRST_SECONDS, 0
+                self._keys_read_at = time.monotonic()
                 self._lock_down_once()
                 self._report_ready()
-            self._serve_one()
+            if self._socket.poll(int(KEY_REFRESH_SECONDS * 1000)):
+                self._serve_one()
+            self._refresh_keys(KEY_REFRESH_SECONDS)
 
     def _lock_down_once(self) -> None:
         # After the module is loaded and logged in (what may need more), before serving any request.
@@ -81,6 +89,13 @@ class Worker:
         finally:
             pin[:] = bytes(len(pin))  # overwrite: the token has what it needs
 
+    def _last_words(self, reason: str, exit_code: int) -> int:
+        """Tell the supervisor why this worker exits, and make sure the message leaves before we do."""
+        self._report("fatal", reason)
+        self._socket.close(linger=LAST_WORDS_LINGER_MS)
+        self._context.term()
+        return exit_code
+
     def _report_ready(self) -> None:
         token = self._token
         assert token is not None
@@ -91,6 +106,30 @@ class Worker:
     def _report(self, state: str, reason: str, current: str = "", key_ids: tuple[str, ...] = ()) -> None:
         status = worker_protocol.WorkerStatus(state, reason, current, key_ids)
         self._socket.send_multipart([worker_protocol.STATUS, worker_protocol.encode_status(status)])
+
+    def _refresh_keys(self, older_than: float) -> bool:
+        """Re-read the key set if our view is older than `older_than`; report it if it changed."""
+        token = self._token
+        if token is None or time.monotonic() - self._keys_read_at < older_than:
+            return False
+        before = (token.current, token.key_ids)
+        try:
+            token.refresh_keys()
+        except TokenUnavailable as exc:
+            self._drop_token(exc)
+            self._report("failed", "token session lost; reopening")
+            return False
+        self._keys_read_at = time.monotonic()
+        if (token.current, token.key_ids) != before:
+            self._report_ready()
+        return True
+
+    def _drop_token(self, exc: TokenUnavailable) -> None:
+        # Tokens differ in what a failed call leaves behind: never reuse the session.
+        log.warning("token error, dropping the session: %s", exc.reason)
+        if self._token is not None:
+            self._token.close()
+        self._token = None
 
     def _serve_one(self) -> None:
         client, frame = self._socket.recv_multipart()
@@ -110,16 +149,22 @@ class Worker:
                 sealed, key_id = token.wrap(request.plaintext)
                 return ipc_schema.WrapResult(request.id, sealed, key_id)
             if isinstance(request, ipc_schema.UnwrapRequest):
-                return ipc_schema.UnwrapResult(request.id, token.unwrap(request.ciphertext, request.key_id))
+                return ipc_schema.UnwrapResult(request.id, self._unwrap(token, request))
             return ipc_schema.ErrorReply(request.id, ErrorCode.INVALID_REQUEST, "not a worker operation")
         except KeySealerError as exc:
             return ipc_schema.ErrorReply(request.id, exc.code, exc.message)
         except TokenUnavailable as exc:
-            # Tokens differ in what a failed call leaves behind: never reuse the session.
-            log.warning("token error, dropping the session: %s", exc.reason)
-            token.close()
-            self._token = None
+            self._drop_token(exc)
             return ipc_schema.ErrorReply(request.id, ErrorCode.TOKEN_UNAVAILABLE, exc.reason)
+
+    def _unwrap(self, token: Token, request: ipc_schema.UnwrapRequest) -> bytes:
+        try:
+            return token.unwrap(request.ciphertext, request.key_id)
+        except KeySealerError as exc:
+            # A key created since we last looked (by the CLI or another node) is found on a second look.
+            if exc.code is ErrorCode.UNKNOWN_KEY and self._refresh_keys(UNKNOWN_KEY_REFRESH_SECONDS):
+                return token.unwrap(request.ciphertext, request.key_id)
+            raise
 
 
 def worker_main(config: BrokerConfig, backend: str, supervisor_pid: int) -> int:

@@ -4,7 +4,7 @@
 import argparse
 from pathlib import Path
 
-from keysealer.shared.process import run_main
+from keysealer.shared.process import EXIT_OK, run_main
 
 PROGRAM = "keysealer"
 DEFAULT_STATE_DIR = Path(".keysealer")
@@ -21,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="call Status on a plugin socket and print it")
     status.add_argument("--socket", type=Path, required=True, help="the frontend's KMS socket")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3, as the apiserver)")
+
+    keygen = commands.add_parser("ipc-keygen", help="write a CURVE keypair for the frontend/broker IPC link")
+    keygen.add_argument("--dir", type=Path, required=True, help="directory for NAME.key and NAME.key_secret")
+    keygen.add_argument("--name", required=True, help="file name stem, e.g. frontend or broker")
 
     keys = commands.add_parser("keys", help="manage the keys in the token").add_subparsers(
         dest="keys_command", required=True)
@@ -42,6 +46,12 @@ def _run() -> int:
         from keysealer.shared.dev import run_dev
 
         return run_dev(args.state_dir)
+    if args.command == "ipc-keygen":
+        from keysealer.shared.ipc_keys import generate
+
+        public, secret = generate(args.dir, args.name)
+        print(f"public key (share it): {public}\nsecret key (0600, keep it): {secret}")
+        return EXIT_OK
     if args.command == "status":
         from keysealer.frontend.status_cli import print_status
 

@@ -4,6 +4,7 @@ A field's metadata may bound it: {"min": n, "max": n} for numbers, {"choices": (
 """
 
 import dataclasses
+import math
 import types
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -37,7 +38,7 @@ def build(schema: type[T], data: Any, where: str, prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
     for key in data:
         if key not in fields:
-            raise ConfigError(f"{where}{prefix}{key}: unknown field")
+            raise ConfigError(f"{where}{prefix}{_printable(key)}: unknown field")
     hints = get_type_hints(schema)
     values: dict[str, Any] = {}
     for name, field in fields.items():
@@ -60,12 +61,18 @@ def _convert(hint: Any, value: Any, where: str, label: str) -> Any:
         return _convert(options[0], value, where, label)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where, label + ".")  # type: ignore[arg-type]
+    if origin is list:
+        (item_type,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}{label}: must be a list")
+        return [_convert(item_type, item, where, f"{label}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         key_type, value_type = get_args(hint)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}{label}: must be a mapping")
         return {
-            _convert(key_type, k, where, f"{label}.{k}"): _convert(value_type, v, where, f"{label}.{k}")
+            _convert(key_type, k, where, f"{label}.{_printable(k)}"):
+                _convert(value_type, v, where, f"{label}.{_printable(k)}")
             for k, v in value.items()
         }
     if hint is Path:
@@ -73,9 +80,13 @@ def _convert(hint: Any, value: Any, where: str, label: str) -> Any:
             raise ConfigError(f"{where}{label}: must be a path")
         return Path(value)
     if hint is float and type(value) is int:
-        return float(value)
+        value = float(value)
+    if hint is float and type(value) is float and not math.isfinite(value):
+        # NaN compares false with every bound, so it would pass min/max checks unnoticed.
+        raise ConfigError(f"{where}{label}: must be a finite number")
     if type(value) is not hint:
-        raise ConfigError(f"{where}{label}: must be {_type_name(hint)}, not {_type_name(type(value))}")
+        hint_text = " (quote it: YAML reads 0660 as a number)" if hint is str and type(value) is int else ""
+        raise ConfigError(f"{where}{label}: must be {_type_name(hint)}, not {_type_name(type(value))}{hint_text}")
     return value
 
 
@@ -89,6 +100,12 @@ def _check_bounds(field: "dataclasses.Field[Any]", value: Any, where: str, label
         raise ConfigError(f"{where}{label}: must be at most {meta['max']}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}{label}: must be one of {', '.join(meta['choices'])}")
+
+
+def _printable(key: object) -> str:
+    """A key as it can appear in a one-line message: control characters shown escaped."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)
 
 
 def _type_name(kind: Any) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from keysealer.shared.ipc_keys import PUBLIC_SUFFIX, SECRET_SUFFIX, generate
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, EXIT_USAGE, FatalError, UsageError
 
 SOFTHSM_MODULES = (
@@ -61,6 +62,13 @@ class DevLayout:
         return self.root / "so-pin"
 
     @property
+    def ipc_keys(self) -> Path:
+        return self.root / "ipc-keys"
+
+    def ipc_key(self, name: str, suffix: str) -> Path:
+        return self.ipc_keys / f"{name}{suffix}"
+
+    @property
     def softhsm_conf(self) -> Path:
         return self.root / "softhsm2.conf"
 
@@ -84,16 +92,24 @@ def prepare(layout: DevLayout) -> None:
                 "log.level = ERROR\nslots.removable = false\n")
     for pin_file in (layout.pin, layout.so_pin):
         _write_once(pin_file, secrets.token_hex(16) + "\n")
+    layout.ipc_keys.mkdir(mode=0o700, exist_ok=True)
+    for name in ("broker", "frontend"):
+        if not layout.ipc_key(name, SECRET_SUFFIX).exists():
+            generate(layout.ipc_keys, name)
     _write_once(layout.broker_config, yaml.safe_dump({
         "token": {"module": str(find_softhsm()), "token_label": TOKEN_LABEL, "pin_file": str(layout.pin),
                   "module_env": {"SOFTHSM2_CONF": str(layout.softhsm_conf)}},
         "keys": {"current_label": KEY_LABEL},
-        "ipc": {"socket": str(layout.broker_socket)},
+        "ipc": {"socket": str(layout.broker_socket),
+                "server_key": str(layout.ipc_key("broker", SECRET_SUFFIX)),
+                "client_keys": [str(layout.ipc_key("frontend", PUBLIC_SUFFIX))]},
         "workers": {"count": 2},
     }, sort_keys=False))
     _write_once(layout.frontend_config, yaml.safe_dump({
         "listen": {"socket": str(layout.kms_socket)},
-        "broker": {"socket": str(layout.broker_socket)},
+        "broker": {"socket": str(layout.broker_socket),
+                   "client_key": str(layout.ipc_key("frontend", SECRET_SUFFIX)),
+                   "server_key": str(layout.ipc_key("broker", PUBLIC_SUFFIX))},
     }, sort_keys=False))
     config = str(layout.broker_config)
     _keysealer("keys", "init-token", "--config", config, "--so-pin-file", str(layout.so_pin))

@@ -16,8 +16,12 @@ from keysealer.shared import ciphertext
 from keysealer.shared.errors import ErrorCode
 
 SCHEMA_VERSION = 1
-# Largest frame either side accepts; ZeroMQ drops the peer that sends more (ZMQ_MAXMSGSIZE).
-MAX_FRAME = 4096
+# Largest request the broker accepts; ZeroMQ drops a peer that sends more (ZMQ_MAXMSGSIZE). Requests come
+# from the less trusted side, so their bound is tight.
+MAX_REQUEST_FRAME = 4096
+# Replies are bounded too, but must hold a health report listing every key.
+MAX_REPLY_FRAME = 128 * 1024
+MAX_KEY_IDS_REPORTED = 1024
 # The apiserver sends 32-byte seeds; anything far larger is not a seed.
 MAX_PLAINTEXT = 256
 MAX_KEY_ID_LEN = 64
@@ -122,7 +126,7 @@ _RESULT_FIELDS: dict[Op, dict[str, _FieldSpec]] = {
     Op.WRAP: {"ok": (bool, 1, 1), "ct": (bytes, ciphertext.MIN_LEN, ciphertext.MAX_LEN),
               "kid": (str, 1, MAX_KEY_ID_LEN)},
     Op.UNWRAP: {"ok": (bool, 1, 1), "pt": (bytes, 1, MAX_PLAINTEXT)},
-    Op.HEALTH: {"ok": (bool, 1, 1), "kid": (str, 0, MAX_KEY_ID_LEN), "kids": (list, 0, 1024),
+    Op.HEALTH: {"ok": (bool, 1, 1), "kid": (str, 0, MAX_KEY_ID_LEN), "kids": (list, 0, MAX_KEY_IDS_REPORTED),
                 "workers": (list, 0, MAX_WORKERS_REPORTED)},
 }
 _ERROR_FIELDS: dict[str, _FieldSpec] = {
@@ -132,17 +136,17 @@ _ERROR_FIELDS: dict[str, _FieldSpec] = {
 }
 
 
-def _unpack(frame: bytes) -> dict[str, Any]:
-    if len(frame) > MAX_FRAME:
-        raise SchemaError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+def _unpack(frame: bytes, limit: int) -> dict[str, Any]:
+    if len(frame) > limit:
+        raise SchemaError(f"frame of {len(frame)} bytes exceeds {limit}")
     try:
         obj = msgpack.unpackb(
             frame,
             raw=False,
             strict_map_key=True,
-            max_bin_len=MAX_FRAME,
-            max_str_len=MAX_FRAME,
-            max_array_len=1024,
+            max_bin_len=limit,
+            max_str_len=limit,
+            max_array_len=MAX_KEY_IDS_REPORTED,
             max_map_len=16,
             max_ext_len=0,
         )
@@ -169,8 +173,8 @@ def _check(message: dict[str, Any], spec: dict[str, _FieldSpec], request_id: int
             raise SchemaError(f"field {name!r} out of range", request_id)
 
 
-def _open_envelope(frame: bytes) -> tuple[dict[str, Any], Op, int]:
-    message = _unpack(frame)
+def _open_envelope(frame: bytes, limit: int) -> tuple[dict[str, Any], Op, int]:
+    message = _unpack(frame, limit)
     raw_id = message.get("id")
     request_id = raw_id if type(raw_id) is int and 0 <= raw_id <= MAX_REQUEST_ID else None
     _check({name: message[name] for name in _ENVELOPE if name in message}, _ENVELOPE, request_id)
@@ -183,7 +187,7 @@ def _open_envelope(frame: bytes) -> tuple[dict[str, Any], Op, int]:
 
 
 def decode_request(frame: bytes) -> Request:
-    fields, op, request_id = _open_envelope(frame)
+    fields, op, request_id = _open_envelope(frame, MAX_REQUEST_FRAME)
     try:
         _check(fields, _REQUEST_FIELDS[op], request_id)
     except SchemaError as exc:
@@ -204,13 +208,13 @@ def encode_request(request: Request) -> bytes:
         body = {"op": Op.UNWRAP.value, "ct": request.ciphertext, "kid": request.key_id}
     else:
         body = {"op": Op.HEALTH.value}
-    return _pack({"v": SCHEMA_VERSION, "id": request.id, "ttl": request.ttl_ms, **body})
+    return _pack({"v": SCHEMA_VERSION, "id": request.id, "ttl": request.ttl_ms, **body}, MAX_REQUEST_FRAME)
 
 
-def _pack(message: dict[str, Any]) -> bytes:
+def _pack(message: dict[str, Any], limit: int = MAX_REPLY_FRAME) -> bytes:
     frame: bytes = msgpack.packb(message, use_bin_type=True)
-    if len(frame) > MAX_FRAME:
-        raise SchemaError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+    if len(frame) > limit:
+        raise SchemaError(f"frame of {len(frame)} bytes exceeds {limit}")
     return frame
 
 
@@ -223,12 +227,13 @@ def encode_reply(reply: Reply, op: Op) -> bytes:
     if isinstance(reply, UnwrapResult):
         return _pack({**head, "ok": True, "pt": reply.plaintext})
     workers = [[w.state, w.reason[:MAX_MESSAGE_LEN]] for w in reply.workers[:MAX_WORKERS_REPORTED]]
-    return _pack({**head, "ok": True, "kid": reply.current_key_id, "kids": list(reply.key_ids),
-                  "workers": workers})
+    # Bounded so the report always fits a frame, however many keys the token holds.
+    key_ids = list(reply.key_ids[:MAX_KEY_IDS_REPORTED])
+    return _pack({**head, "ok": True, "kid": reply.current_key_id, "kids": key_ids, "workers": workers})
 
 
 def decode_reply(frame: bytes) -> Reply:
-    fields, op, reply_id = _open_envelope(frame)
+    fields, op, reply_id = _open_envelope(frame, MAX_REPLY_FRAME)
     if fields.get("ok") is False:
         _check(fields, _ERROR_FIELDS, reply_id)
         try:

@@ -37,6 +37,11 @@ def run_main(program: str, body: Callable[[], int]) -> NoReturn:
     except FatalError as exc:
         print(f"{program}: error: {exc}", file=sys.stderr)
         code = exc.exit_code
+    except OSError as exc:
+        # A file or socket the environment did not provide: still one line, never a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{program}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        code = EXIT_FAILURE
     except KeyboardInterrupt:
         code = 130
     logging.shutdown()

@@ -1,6 +1,7 @@
 """Taking a Unix socket path over safely: a stale socket left by a crash is removed, a live one never is."""
 
 import contextlib
+import grp
 import os
 import socket
 import stat
@@ -17,6 +18,8 @@ def claim_socket_path(path: Path) -> None:
     """Make `path` free to bind, or raise UsageError when something else owns it."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise UsageError(f"{path}: socket path longer than {MAX_SOCKET_PATH_BYTES} bytes")
+    if not path.parent.is_dir():
+        raise UsageError(f"{path}: directory {path.parent} does not exist")
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -35,6 +38,13 @@ def claim_socket_path(path: Path) -> None:
     finally:
         probe.close()
     raise UsageError(f"{path} is served by another live process; refusing to take it over")
+
+
+def group_id(group: str, field: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise UsageError(f"{field}: no group named {group!r}") from None
 
 
 @contextlib.contextmanager

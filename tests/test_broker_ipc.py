@@ -1,30 +1,92 @@
 """The broker's IPC socket, spoken to directly: the schema is enforced there, not only in the frontend."""
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
-from harness import Plugin
+from harness import Plugin, running_plugin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode
+from keysealer.shared.ipc_keys import PUBLIC_SUFFIX, SECRET_SUFFIX, KeyPair, load_keypair, load_public_key
 
 REPLY_TIMEOUT_MS = 3000
 QUIET_MS = 300
 
 
+def _connect(context: zmq.Context[zmq.Socket[bytes]], plugin: Plugin, client: KeyPair | None) -> zmq.Socket[bytes]:
+    """A DEALER on the broker's socket, with the given CURVE identity (None: plain, no CURVE)."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if client is not None:
+        sock.curve_publickey, sock.curve_secretkey = client.public, client.secret
+        sock.curve_serverkey = load_public_key(plugin.layout.ipc_key("broker", PUBLIC_SUFFIX))
+    sock.connect(f"ipc://{plugin.layout.broker_socket}")
+    return sock
+
+
+def _frontend_key(plugin: Plugin) -> KeyPair:
+    return load_keypair(plugin.layout.ipc_key("frontend", SECRET_SUFFIX))
+
+
 @pytest.fixture
 def dealer(shared_plugin: Plugin) -> Iterator[zmq.Socket[bytes]]:
     context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"ipc://{shared_plugin.layout.broker_socket}")
-    yield sock
+    yield _connect(context, shared_plugin, _frontend_key(shared_plugin))
     context.destroy(linger=0)
+
+
+def test_only_an_admitted_curve_key_gets_an_answer(shared_plugin: Plugin) -> None:
+    health = ipc_schema.encode_request(ipc_schema.HealthRequest(3, 1000))
+    public, secret = zmq.curve_keypair()
+    context = zmq.Context()
+    try:
+        for stranger in (None, KeyPair(public, secret)):
+            assert _exchange(_connect(context, shared_plugin, stranger), health, QUIET_MS * 3) is None
+        reply = _exchange(_connect(context, shared_plugin, _frontend_key(shared_plugin)), health)
+        assert isinstance(reply, ipc_schema.HealthResult)
+    finally:
+        context.destroy(linger=0)
+
+
+_CLIENT_AS_ANOTHER_USER = """
+import os, sys, zmq
+from pathlib import Path
+from keysealer.shared import ipc_schema
+from keysealer.shared.ipc_keys import load_keypair, load_public_key
+key, server = load_keypair(Path(sys.argv[1])), load_public_key(Path(sys.argv[2]))
+endpoint, uid = sys.argv[3], int(sys.argv[4])
+os.setresuid(uid, uid, uid)  # keeps gid 0: the socket's group permissions still let it connect
+sock = zmq.Context().socket(zmq.DEALER)
+sock.linger = 0
+sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = key.public, key.secret, server
+sock.connect(endpoint)
+sock.send(ipc_schema.encode_request(ipc_schema.HealthRequest(1, 1000)))
+print("answered" if sock.poll(1500) else "silence")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client under another uid")
+def test_the_frontends_key_from_another_uid_gets_no_answer(state_dir: Path) -> None:
+    # Let any user traverse to the socket, so only the ZAP uid check stands between them and the broker.
+    state_dir.chmod(0o711)
+    with running_plugin(state_dir) as plugin:
+        arguments = [str(plugin.layout.ipc_key("frontend", SECRET_SUFFIX)),
+                     str(plugin.layout.ipc_key("broker", PUBLIC_SUFFIX)), f"ipc://{plugin.layout.broker_socket}"]
+        outcomes = {}
+        for uid in (0, 65534):
+            result = subprocess.run([sys.executable, "-c", _CLIENT_AS_ANOTHER_USER, *arguments, str(uid)],
+                                    capture_output=True, text=True, timeout=30, check=True)
+            outcomes[uid] = result.stdout.strip()
+        assert outcomes == {0: "answered", 65534: "silence"}
+        assert "refused an IPC peer: uid 65534" in plugin.log("broker.log")
 
 
 def _exchange(sock: zmq.Socket[bytes], frame: bytes, wait_ms: int = REPLY_TIMEOUT_MS) -> ipc_schema.Reply | None:
@@ -99,22 +161,17 @@ def test_undecodable_frames_are_dropped_without_reply(dealer: zmq.Socket[bytes])
 def test_an_oversized_frame_disconnects_its_sender_but_not_the_broker(shared_plugin: Plugin) -> None:
     context = zmq.Context()
     try:
-        rogue = context.socket(zmq.DEALER)
-        rogue.setsockopt(zmq.LINGER, 0)
-        rogue.connect(f"ipc://{shared_plugin.layout.broker_socket}")
-        request = {"v": 1, "id": 1, "op": "health", "ttl": 1000, "pad": b"x" * (ipc_schema.MAX_FRAME + 1)}
+        rogue = _connect(context, shared_plugin, _frontend_key(shared_plugin))
+        request = {"v": 1, "id": 1, "op": "health", "ttl": 1000, "pad": b"x" * (ipc_schema.MAX_REQUEST_FRAME + 1)}
         assert _exchange(rogue, msgpack.packb(request), QUIET_MS) is None
-        honest = context.socket(zmq.DEALER)
-        honest.setsockopt(zmq.LINGER, 0)
-        honest.connect(f"ipc://{shared_plugin.layout.broker_socket}")
-        _round_trip(honest)
+        _round_trip(_connect(context, shared_plugin, _frontend_key(shared_plugin)))
     finally:
         context.destroy(linger=0)
     assert shared_plugin.status().healthz == "ok"
 
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats() | st.binary(max_size=64)
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.binary(max_size=64)
     | st.text(max_size=16) | st.sampled_from(["wrap", "unwrap", "health"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
     max_leaves=8,

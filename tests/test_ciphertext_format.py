@@ -165,7 +165,7 @@ def test_envelope_round_trip_property(key_ref: bytes, iv: bytes, sealed: bytes) 
 def test_ciphertext_limits_fit_the_ipc_schema() -> None:
     from keysealer.shared import ipc_schema
 
-    assert ciphertext.MAX_LEN + 64 < ipc_schema.MAX_FRAME
+    assert ciphertext.MAX_LEN + 64 < ipc_schema.MAX_REQUEST_FRAME
 
 
 # --- key ids ------------------------------------------------------------------------------------------
