@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import importlib.metadata
 import itertools
 import json
@@ -49,6 +50,7 @@ import yaml
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
 from keysealer.shared.dev import DevLayout, prepare
 
+REPO = Path(__file__).resolve().parent.parent
 CALL_TIMEOUT_SECONDS = 3.0  # what `keysealer dev`'s EncryptionConfiguration gives the apiserver
 IPC_TIMEOUT_SECONDS = 2.5  # the frontend's default limits.call_timeout_seconds
 READY_SECONDS = 60.0
@@ -128,6 +130,21 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds by thread name ('main' for the main thread; same-named threads summed)."""
+    found: dict[str, tuple[float, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                stat = (task / "stat").read_text()
+                name = "main" if task.name == str(pid) else stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat.rsplit(")", 1)[1].split()
+                user, system = found.get(name, (0.0, 0.0))
+                found[name] = (user + int(fields[11]) / tick, system + int(fields[12]) / tick)
+    return found
+
+
 def system_cpu() -> tuple[float, float]:
     """(busy, steal) CPU seconds of the whole machine, all cores, from /proc/stat."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -201,6 +218,17 @@ class Processes:
     def cpu(self) -> dict[str, float]:
         found = {role: cpu for role, pid in self.roles() if (cpu := cpu_seconds(pid)) is not None}
         found[MACHINE_BUSY], found[MACHINE_STEAL] = system_cpu()
+        return found
+
+    def threads(self) -> dict[str, tuple[float, float]]:
+        """'role/thread' -> (user, system) CPU seconds; every worker's threads are summed under 'workers'."""
+        found: dict[str, tuple[float, float]] = {}
+        for role, pid in self.roles():
+            group = "workers" if role.startswith("worker") else role
+            for name, (user, system) in thread_cpu(pid).items():
+                key = f"{group}/{name}"
+                old_user, old_system = found.get(key, (0.0, 0.0))
+                found[key] = (old_user + user, old_system + system)
         return found
 
     def memory(self) -> dict[str, tuple[int, int]]:
@@ -311,8 +339,8 @@ async def wait_ready(socket: Path, processes: Sequence[subprocess.Popen[bytes]],
         while time.monotonic() < deadline:
             for process in processes:
                 if process.poll() is not None:
-                    log = Path(str(process.args[-1])).parent
-                    raise SystemExit(f"bench: {process.args!r} exited with {process.returncode}; logs in {log}")
+                    raise SystemExit(f"bench: a process exited with {process.returncode} before {socket} was "
+                                     f"ready; see the logs in {socket.parent}")
             with contextlib.suppress(grpc.aio.AioRpcError):
                 status = await stub.Status(api_pb2.StatusRequest(), timeout=1.0)
                 last = status.healthz
@@ -360,6 +388,8 @@ class Result:
     errors: dict[str, int]
     cpu: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    # 'role/thread' -> (user, system) CPU microseconds per successful call
+    per_call_us: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -468,13 +498,22 @@ class Load:
     calls: int | None
 
 
+def per_call(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], calls: int
+             ) -> dict[str, tuple[float, float]]:
+    if calls <= 0:
+        return {}
+    return {key: ((user - before[key][0]) * 1e6 / calls, (system - before[key][1]) * 1e6 / calls)
+            for key, (user, system) in after.items() if key in before}
+
+
 async def measure(load: Load, scenario: str, call: Call, concurrency: int, *, note: str = "") -> Result:
     # A short warm-up at the same concurrency, outside the figures (connections, caches, pool spin-up).
     await drive(call, concurrency, min(0.3, load.seconds / 5), None)
-    cpu_before = load.procs.cpu()
+    cpu_before, threads_before = load.procs.cpu(), load.procs.threads()
     latencies, errors, ok, elapsed = await drive(call, concurrency, load.seconds, load.calls)
+    cpu_after, threads_after = load.procs.cpu(), load.procs.threads()
     result = Result(scenario, concurrency, load.workers, ok, elapsed, latencies, dict(errors),
-                    cpu_share(cpu_before, load.procs.cpu(), elapsed), note)
+                    cpu_share(cpu_before, cpu_after, elapsed), note, per_call(threads_before, threads_after, ok))
     print_row(result)
     return result
 
@@ -513,7 +552,12 @@ def poll_status_main(socket: Path) -> None:
     The apiserver polls Status from its own goroutine: this poller is not queued behind the bench client's
     event loop, so it shows what the plugin alone makes Status wait."""
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    def until_stdin_closes() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=until_stdin_closes, daemon=True).start()
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     with grpc.insecure_channel(f"unix:{socket}") as channel:
@@ -776,10 +820,10 @@ async def profile_decrypt(load: Load, call: Call, out: Path, seconds: float, con
     targets = [("frontend", load.procs.frontend, []), ("broker", load.procs.broker, ["--subprocesses"])]
     spies = []
     for name, pid, extra in targets:
-        for fmt, suffix in (("raw", "txt"), ("speedscope", "speedscope.json")):
-            argv = [py_spy, "record", "--pid", str(pid), "--duration", str(round(seconds)), "--rate", "250",
-                    "--nonblocking", "--format", fmt, "--output", str(out / f"{name}.{suffix}"), *extra]
-            spies.append(spawn(argv, out / f"py-spy-{name}-{fmt}.log"))
+        # Collapsed stacks (flamegraph.pl or speedscope.app read them); --nonblocking: never pause the target.
+        argv = [py_spy, "record", "--pid", str(pid), "--duration", str(round(seconds)), "--rate", "250",
+                "--nonblocking", "--format", "raw", "--output", str(out / f"{name}.txt"), *extra]
+        spies.append(spawn(argv, out / f"py-spy-{name}.log"))
     await asyncio.sleep(1.0)  # py-spy attaches
     profiled = Load(load.procs, load.workers, seconds - 1.5, None)
     result = await measure(profiled, "Decrypt (py-spy on)", call, concurrency)
@@ -814,6 +858,51 @@ def print_row(r: Result) -> None:
                      errors, cpu), flush=True)
 
 
+def print_breakdown(rows: Sequence[Result | None]) -> None:
+    """CPU time per successful call by process and thread: which stage costs what."""
+    shown = [r for r in rows if r is not None and r.per_call_us]
+    if not shown:
+        return
+    print("\n== CPU per successful call, by process and thread: us of user+system time (system part in brackets) ==")
+    print("   main: the thread running Python (asyncio loop, poll loop); ZMQbg/IO: libzmq's I/O thread (IPC, CURVE);\n"
+          "   event_engine, grpc_*: gRPC C-core threads; a 'python' thread in a gRPC process: grpc.aio's poller.\n"
+          "   From /proc tick counts (10 ms): short rows are coarse.")
+    groups: dict[str, set[str]] = defaultdict(set)
+    for r in shown:
+        for key in r.per_call_us:
+            group, _, thread = key.partition("/")
+            groups[group].add(thread)
+    width = 28
+    short = {"broker unwrap (no gRPC)": "broker alone", "echo Decrypt": "echo"}
+    print(" " * (width + 2) + "".join(f"{f'{short.get(r.scenario, r.scenario)} c={r.concurrency}':>22}"
+                                      for r in shown))
+
+    def cell(values: list[tuple[float, float]]) -> str:
+        user, system = sum(u for u, _ in values), sum(v for _, v in values)
+        return f"{user + system:7.0f} ({system:4.0f})" if values and user + system >= 0.5 else ""
+
+    def line(label: str, pick: Callable[[Result], list[tuple[float, float]]]) -> None:
+        cells = [cell(pick(r)) for r in shown]
+        if any(cells):
+            print(f"  {label:<{width}}" + "".join(f"{c:>22}" for c in cells))
+
+    def of_group(group: str) -> Callable[[Result], list[tuple[float, float]]]:
+        return lambda r: [v for k, v in r.per_call_us.items() if k.partition("/")[0] == group]
+
+    def of_thread(key: str) -> Callable[[Result], list[tuple[float, float]]]:
+        return lambda r: [r.per_call_us[key]] if key in r.per_call_us else []
+
+    def server_side(r: Result) -> list[tuple[float, float]]:
+        return [v for k, v in r.per_call_us.items() if not k.startswith("bench client")]
+
+    order = ["frontend", "echo server", "supervisor", "workers", "status poller", "bench client"]
+    for group in sorted(groups, key=lambda g: order.index(g) if g in order else len(order)):
+        line(group, of_group(group))
+        for thread in sorted(groups[group]):
+            line(f"  {thread}", of_thread(f"{group}/{thread}"))
+    line("server side (all but client)", server_side)
+
+
 def print_memory(label: str, memory: dict[str, tuple[int, int]]) -> None:
     print(f"RSS {label}:")
     for role, (rss, hwm) in memory.items():
@@ -842,6 +931,9 @@ def machine() -> dict[str, str]:
                                      check=False).stdout.strip()
     import zmq
 
+    digest = hashlib.sha256()
+    for path in sorted(p for part in ("shared", "frontend", "hsm_broker") for p in (REPO / part).rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     return {
         "nproc": f"{len(os.sched_getaffinity(0))} (os.cpu_count {os.cpu_count()})",
         "cpu": first("/proc/cpuinfo", "model name"),
@@ -855,6 +947,7 @@ def machine() -> dict[str, str]:
         "pyzmq/libzmq": f"{zmq.__version__}/{zmq.zmq_version()}",
         "msgpack": version("msgpack"),
         "loadavg": Path("/proc/loadavg").read_text().strip(),
+        "product src": f"sha256 {digest.hexdigest()[:16]} over shared/, frontend/, hsm_broker/ *.py",
     }
 
 
@@ -1026,6 +1119,9 @@ class Bench:
             await self.sweep()
         elif s.socket is not None:
             report.notes.append("worker sweep skipped: --socket targets a plugin this tool did not start")
+        top = max(s.concurrency)
+        print_breakdown([report.find("Decrypt", top), report.find("broker unwrap (no gRPC)", top, report.direct),
+                         report.find("echo Decrypt", top, report.echo), report.find("Decrypt", 1)])
         print_ratios(report)
         print_targets(report)
         for note in report.notes:
@@ -1035,7 +1131,12 @@ class Bench:
     async def ceiling_pkcs11(self, broker_config: Path) -> None:
         seconds = self.settings.ceiling_seconds
         print(f"\n== Ceiling (a): in-process PKCS #11, one session, {seconds:g} s ==")
-        self.report.pkcs11 = c = await asyncio.to_thread(pkcs11_ceiling, broker_config, seconds)
+        try:
+            self.report.pkcs11 = c = await asyncio.to_thread(pkcs11_ceiling, broker_config, seconds)
+        except Exception as exc:  # a config or token this tool cannot use: skip the ceiling, keep the run
+            self.report.notes.append(f"PKCS #11 ceiling skipped: {exc}")
+            print(f"  skipped: {exc}")
+            return
         print(f"  {c.library}: AES-256-GCM of 32 B, key made with keys_cli.key_template: encrypt "
               f"{c.encrypt_per_s:,.0f}/s ({c.encrypt_us:.0f} us each), decrypt {c.decrypt_per_s:,.0f}/s "
               f"({c.decrypt_us:.0f} us each), {c.pairs} pairs")
@@ -1062,6 +1163,7 @@ class Bench:
 
     async def main_plugin(self, plugin: OwnPlugin | None) -> None:
         s, report = self.settings, self.report
+        frontend_config: Path | None
         if plugin is not None:
             procs = await plugin.start(s.workers)
             socket, workers, frontend_config = plugin.socket, str(s.workers), plugin.layout.frontend_config

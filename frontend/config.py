@@ -44,6 +44,8 @@ class HealthConfig:
 class FrontendConfig:
     listen: ListenConfig
     broker: BrokerLinkConfig
+    # The account to run as when started by root (required then; "root" keeps root on purpose).
+    user: str | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
 

@@ -14,7 +14,7 @@ from keysealer.frontend.kmsv2 import api_pb2_grpc
 from keysealer.frontend.service import KmsService
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
-from keysealer.shared.sandbox import SandboxError, lock_down
+from keysealer.shared.sandbox import SandboxError, become_configured_user, lock_down, require_user_if_root
 from keysealer.shared.socket_path import claim_socket_path, group_id, umask
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,10 @@ MAX_MESSAGE_BYTES = 64 * 1024
 
 
 async def serve(config: FrontendConfig) -> int:
+    try:
+        require_user_if_root(config.user)
+    except SandboxError as exc:
+        raise FatalError(str(exc), EXIT_USAGE) from None
     path = config.listen.socket
     claim_socket_path(path)
     gid = None if config.listen.group is None else group_id(config.listen.group, "listen.group")
@@ -44,24 +48,32 @@ async def serve(config: FrontendConfig) -> int:
         except RuntimeError:
             raise FatalError(f"listen.socket: cannot bind {path}", EXIT_USAGE) from None
         await server.start()
-    if gid is not None:
-        os.chown(path, -1, gid)
-    os.chmod(path, int(config.listen.mode, 8))
     try:
-        lock_down()  # every socket is bound: from here on, no exec and Unix sockets only
-    except SandboxError as exc:
-        raise FatalError(f"cannot sandbox the frontend: {exc}") from None
-    health.start()
-    log.info("serving KMS v2 on %s (broker %s)", path, config.broker.socket)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("stopping: letting calls in flight finish")
-    await server.stop(grace=config.limits.call_timeout_seconds)
-    await health.stop()
-    await client.close()
-    path.unlink(missing_ok=True)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, int(config.listen.mode, 8))
+        _confine(config)
+        health.start()
+        log.info("serving KMS v2 on %s (broker %s)", path, config.broker.socket)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping: letting calls in flight finish")
+    finally:
+        await server.stop(grace=config.limits.call_timeout_seconds)
+        await health.stop()
+        await client.close()
+        path.unlink(missing_ok=True)
     return EXIT_OK
+
+
+def _confine(config: FrontendConfig) -> None:
+    """Every socket is bound: become the service user, then no exec and Unix sockets only from here on."""
+    try:
+        if become_configured_user(config.user):
+            log.warning("running as root, as configured (user: root)")
+        lock_down()
+    except SandboxError as exc:
+        raise FatalError(f"cannot sandbox the frontend: {exc}", EXIT_USAGE) from None

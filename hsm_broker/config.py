@@ -55,6 +55,8 @@ class BrokerConfig:
     token: TokenConfig
     keys: KeysConfig
     ipc: IpcConfig
+    # The account to run as when started by root (required then; "root" keeps root on purpose).
+    user: str | None = None
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 

@@ -27,7 +27,7 @@ from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
-from keysealer.shared.sandbox import SandboxError, lock_down
+from keysealer.shared.sandbox import SandboxError, become_configured_user, lock_down, require_user_if_root
 from keysealer.shared.socket_path import claim_socket_path, group_id, umask
 
 log = logging.getLogger(__name__)
@@ -81,37 +81,24 @@ class Supervisor:
         self._front = self._context.socket(zmq.ROUTER)
         self._back = self._context.socket(zmq.ROUTER)
         self._zap = self._context.socket(zmq.REP)
-        self._policy = _peer_policy(self.config)
+        self._policy = PeerPolicy(frozenset(), frozenset())  # set in run(), once we run as our own user
+        self._bound_paths: list[Path] = []
         socket_path = self.config.ipc.socket
         self._worker_dir = socket_path.parent / "workers"
         self._backend = f"ipc://{self._worker_dir / 'backend.sock'}"
 
     def run(self) -> int:
-        self._bind()
         try:
-            # Before the first worker exists, so every worker inherits the filter from its first instruction.
-            lock_down(allow_inet=self.config.sandbox.allow_inet)
+            require_user_if_root(self.config.user)
         except SandboxError as exc:
-            raise FatalError(f"cannot sandbox the broker: {exc}") from None
-        signal.signal(signal.SIGTERM, self._request_stop)
-        signal.signal(signal.SIGINT, self._request_stop)
-        log.info("broker listening on %s with %d workers", self.config.ipc.socket, len(self._slots))
-        poller = zmq.Poller()
-        poller.register(self._front, zmq.POLLIN)
-        poller.register(self._back, zmq.POLLIN)
-        poller.register(self._zap, zmq.POLLIN)
+            raise FatalError(str(exc), EXIT_USAGE) from None
         try:
-            while not self._stopping:
-                self._spawn_due_workers()
-                events = dict(poller.poll(POLL_MS))
-                if self._zap in events:
-                    self._drain(self._zap, self._answer_zap)
-                if self._back in events:
-                    self._drain(self._back, self._on_worker_message)
-                if self._front in events:
-                    self._drain(self._front, self._on_client_message)
-                self._reap_workers()
-                self._dispatch()
+            self._bind()
+            self._confine()
+            signal.signal(signal.SIGTERM, self._request_stop)
+            signal.signal(signal.SIGINT, self._request_stop)
+            log.info("broker listening on %s with %d workers", self.config.ipc.socket, len(self._slots))
+            self._serve()
         finally:
             self._shutdown()
         return self._exit_code
@@ -139,10 +126,39 @@ class Supervisor:
         self._front.zap_domain = ZAP_DOMAIN
         with umask(0o117):  # socket 0660 from the moment it exists
             self._front.bind(f"ipc://{socket_path}")
+        self._bound_paths.append(socket_path)
         if self.config.ipc.group is not None:
             os.chown(socket_path, -1, group_id(self.config.ipc.group, "ipc.group"))
         with umask(0o177):
             self._back.bind(self._backend)
+        self._bound_paths.append(self._worker_dir / "backend.sock")
+
+    def _confine(self) -> None:
+        """Sockets are bound: become the service user, then lock down before the first worker exists, so
+        every worker inherits the filter from its first instruction."""
+        try:
+            if become_configured_user(self.config.user):
+                log.warning("running as root, as configured (user: root)")
+            lock_down(allow_inet=self.config.sandbox.allow_inet)
+        except SandboxError as exc:
+            raise FatalError(f"cannot sandbox the broker: {exc}", EXIT_USAGE) from None
+        self._policy = _peer_policy(self.config)  # "the broker's own user" means the user we now run as
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self._front, self._back, self._zap):
+            poller.register(sock, zmq.POLLIN)
+        while not self._stopping:
+            self._spawn_due_workers()
+            events = dict(poller.poll(POLL_MS))
+            if self._zap in events:
+                self._drain(self._zap, self._answer_zap)
+            if self._back in events:
+                self._drain(self._back, self._on_worker_message)
+            if self._front in events:
+                self._drain(self._front, self._on_client_message)
+            self._reap_workers()
+            self._dispatch()
 
     def _request_stop(self, signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -161,8 +177,8 @@ class Supervisor:
                 _signal(slot.pid, signal.SIGKILL)
                 os.waitpid(slot.pid, 0)
         self._context.destroy(linger=0)
-        self.config.ipc.socket.unlink(missing_ok=True)
-        (self._worker_dir / "backend.sock").unlink(missing_ok=True)
+        for path in self._bound_paths:  # only ours: never a socket another live broker serves
+            path.unlink(missing_ok=True)
 
     # -- workers -------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import yaml
 
 from keysealer.shared.ipc_keys import PUBLIC_SUFFIX, SECRET_SUFFIX, generate
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, EXIT_USAGE, FatalError, UsageError
+from keysealer.shared.sandbox import STAY_ROOT
 
 SOFTHSM_MODULES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -96,6 +97,8 @@ def prepare(layout: DevLayout) -> None:
     for name in ("broker", "frontend"):
         if not layout.ipc_key(name, SECRET_SUFFIX).exists():
             generate(layout.ipc_keys, name)
+    # Started by root, dev says so explicitly: both processes refuse to run as root otherwise.
+    user = {"user": STAY_ROOT} if os.geteuid() == 0 else {}
     _write_once(layout.broker_config, yaml.safe_dump({
         "token": {"module": str(find_softhsm()), "token_label": TOKEN_LABEL, "pin_file": str(layout.pin),
                   "module_env": {"SOFTHSM2_CONF": str(layout.softhsm_conf)}},
@@ -104,12 +107,14 @@ def prepare(layout: DevLayout) -> None:
                 "server_key": str(layout.ipc_key("broker", SECRET_SUFFIX)),
                 "client_keys": [str(layout.ipc_key("frontend", PUBLIC_SUFFIX))]},
         "workers": {"count": 2},
+        **user,
     }, sort_keys=False))
     _write_once(layout.frontend_config, yaml.safe_dump({
         "listen": {"socket": str(layout.kms_socket)},
         "broker": {"socket": str(layout.broker_socket),
                    "client_key": str(layout.ipc_key("frontend", SECRET_SUFFIX)),
                    "server_key": str(layout.ipc_key("broker", PUBLIC_SUFFIX))},
+        **user,
     }, sort_keys=False))
     config = str(layout.broker_config)
     _keysealer("keys", "init-token", "--config", config, "--so-pin-file", str(layout.so_pin))

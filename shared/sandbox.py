@@ -332,6 +332,12 @@ def _verify_dropped(user: str, uid: int, gid: int, gids: list[int]) -> None:
         raise SandboxError(f"capabilities left after dropping to {user!r}: CapEff {cap_eff}")
 
 
+def require_user_if_root(user: str | None) -> None:
+    """Refuse early, before anything is opened, to run as root without being told whom to become."""
+    if user is None and _is_root():
+        raise SandboxError("running as root: set 'user' in the config to the account to drop to")
+
+
 def drop_privileges(user: str | None, extra_groups: Sequence[str] = ()) -> None:
     """Switch a root process to ``user`` for good.
 
@@ -345,8 +351,8 @@ def drop_privileges(user: str | None, extra_groups: Sequence[str] = ()) -> None:
             return
         raise SandboxError(f"running as uid {os.geteuid()}, not as root: cannot switch to user {user!r}")
 
-    if user is None:
-        raise SandboxError("running as root: set 'user' in the config to the account to drop to")
+    require_user_if_root(user)
+    assert user is not None
     pw = _lookup_user(user)
     if pw.pw_uid == 0:
         raise SandboxError(f"user {user!r} has uid 0: choose an unprivileged account")
@@ -387,3 +393,18 @@ def sandbox_status(pid: int | str = "self") -> dict[str, str]:
         if sep and key in _STATUS_FIELDS:
             found[key] = value.strip()
     return found
+
+
+# The explicit way to keep root: for `keysealer dev` started by root, never the default.
+STAY_ROOT = "root"
+
+
+def become_configured_user(user: str | None, extra_groups: Sequence[str] = ()) -> bool:
+    """Drop to the configured user once every privileged resource is open; True if still root.
+
+    A process started as root refuses to go on without `user`; `user: root` keeps root on purpose.
+    """
+    if user == STAY_ROOT and _is_root():
+        return True
+    drop_privileges(user, extra_groups)
+    return False

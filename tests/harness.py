@@ -1,6 +1,7 @@
 """Starts the real plugin for tests: a SoftHSM token made by `keysealer dev`'s own setup code, the broker
 and the frontend as separate processes, and a gRPC client generated from proto/ on the real Unix socket."""
 
+import base64
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import yaml
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
 from keysealer.shared.dev import DevLayout, prepare
+from keysealer.shared.ipc_keys import SECRET_SUFFIX, load_keypair
 
 READY_SECONDS = 30.0
 
@@ -42,6 +44,10 @@ class Plugin:
         self.broker: subprocess.Popen[bytes] | None = None
         self.frontend: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
+        # Everything that must never appear in a log: checked every time the plugin stops.
+        self.secrets: set[bytes] = {self.layout.pin.read_bytes().strip(), self.layout.so_pin.read_bytes().strip()}
+        for name in ("broker", "frontend"):
+            self.secrets.add(load_keypair(self.layout.ipc_key(name, SECRET_SUFFIX)).secret)
 
     # -- configuration -------------------------------------------------------------------------------
 
@@ -86,6 +92,13 @@ class Plugin:
             self._channel = None
         self.stop_frontend()
         self.stop_broker()
+        self.assert_logs_hold_no_secret()
+
+    def assert_logs_hold_no_secret(self) -> None:
+        logs = b"".join(path.read_bytes() for path in self.layout.root.glob("*.log"))
+        for secret in self.secrets:
+            for form in (secret, secret.hex().encode(), base64.b64encode(secret), repr(secret).encode()):
+                assert form not in logs, f"a secret ({len(secret)} bytes) appears in the logs of {self.layout.root}"
 
     def log(self, name: str) -> str:
         path = self.layout.root / name
@@ -104,6 +117,8 @@ class Plugin:
         return response
 
     def encrypt(self, plaintext: bytes, timeout: float = 3.0) -> api_pb2.EncryptResponse:
+        if len(plaintext) >= 16:  # shorter ones could appear by chance
+            self.secrets.add(plaintext)
         response: api_pb2.EncryptResponse = self.stub.Encrypt(
             api_pb2.EncryptRequest(plaintext=plaintext, uid="test"), timeout=timeout)
         return response

@@ -162,6 +162,9 @@ def test_stale_sockets_are_taken_over_and_live_ones_never_are(plugin: Plugin) ->
                                     str(plugin.layout.broker_config)],
                                    capture_output=True, text=True, timeout=30, check=False)
     assert second_broker.returncode == EXIT_USAGE
+    # The refused processes left the live sockets in place (an open connection would hide an unlink).
+    assert stat.S_ISSOCK(plugin.layout.kms_socket.lstat().st_mode)
+    assert stat.S_ISSOCK(plugin.layout.broker_socket.lstat().st_mode)
     assert plugin.status().healthz == "ok"
     # Crash both: the sockets stay behind, and the next start takes them over.
     plugin.stop_frontend(signal.SIGKILL)
@@ -235,3 +238,46 @@ def test_the_broker_opens_no_network_socket(plugin: Plugin) -> None:
             if target.startswith("socket:["):
                 assert target[8:-1] not in inet_inodes, (pid, target)
     assert socket.AF_UNIX  # the only family the sandbox leaves the broker
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root refusal needs root")
+@pytest.mark.parametrize("program", ["keysealer.hsm_broker.main", "keysealer.frontend.main"])
+def test_started_as_root_without_a_user_each_process_refuses_to_run(state_dir: Path, program: str) -> None:
+    plugin = Plugin(state_dir)
+    plugin.configure(broker={"user": None}, frontend={"user": None})
+    config = plugin.layout.broker_config if "broker" in program else plugin.layout.frontend_config
+    result = subprocess.run([sys.executable, "-m", program, "--config", str(config)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "running as root: set 'user' in the config to the account to drop to")
+    assert "Traceback" not in result.stderr
+
+
+def test_the_pin_comes_from_the_systemd_credential_when_present(state_dir: Path) -> None:
+    plugin = Plugin(state_dir)
+    credentials = state_dir / "credentials"
+    credentials.mkdir(mode=0o700)
+    plugin.layout.pin.rename(credentials / "pin")
+    plugin.configure(broker={"token": {"pin_file": str(state_dir / "no-such-pin")}})
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)}
+    plugin.broker = subprocess.Popen([sys.executable, "-m", "keysealer.hsm_broker.main", "--config",
+                                      str(plugin.layout.broker_config)], env=env,
+                                     stdout=(state_dir / "broker.log").open("ab"), stderr=subprocess.STDOUT)
+    plugin.start_frontend()
+    try:
+        plugin.wait_healthy()
+        seed = os.urandom(32)
+        assert plugin.decrypt(plugin.encrypt(seed)) == seed
+    finally:
+        plugin.stop()
+
+
+def test_a_pin_file_others_can_read_is_refused(plugin: Plugin) -> None:
+    plugin.stop()
+    plugin.layout.pin.chmod(0o644)
+    result = subprocess.run([sys.executable, "-m", "keysealer.hsm_broker.main", "--config",
+                             str(plugin.layout.broker_config)], capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"keysealer-broker: error: PIN file {plugin.layout.pin}: mode 0644 lets others read it; use 0400 or 0600")
