@@ -3,6 +3,10 @@
 CKA_ID = b"KS1" + creation time (8 bytes, big-endian Unix seconds) + 16 random bytes. The prefix tells our
 keys from others sharing the token, the time orders versions of one label, and the random part makes every
 key's derived key_id unique, even for a re-created label.
+
+Key versions of one label: the newest is current; a retired key (CKA_DECRYPT and CKA_ENCRYPT set to false,
+which the token itself enforces) serves nothing. If the newest is retired there is no current key: an
+older key never becomes current again, so a key_id never comes back (no A -> B -> A).
 """
 
 import os
@@ -41,6 +45,18 @@ def new_token_object_id() -> bytes:
 
 def is_keysealer_object_id(token_object_id: bytes) -> bool:
     return len(token_object_id) == _ID_LEN and token_object_id.startswith(ID_MAGIC)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersion:
+    identity: KeyIdentity
+    retired: bool
+
+
+def current_version(versions: list[KeyVersion], label: str) -> KeyVersion | None:
+    newest = newest_with_label([v.identity for v in versions], label)
+    version = next((v for v in versions if v.identity == newest), None)
+    return None if version is None or version.retired else version
 
 
 def newest_with_label(keys: list[KeyIdentity], label: str) -> KeyIdentity | None:

@@ -5,6 +5,7 @@ These run in the operator's process, not the broker: they load the module, log i
 
 import contextlib
 import datetime
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,18 @@ from typing import Any
 import PyKCS11
 
 from keysealer.hsm_broker.config import BrokerConfig, load_broker_config
-from keysealer.hsm_broker.key_naming import KeyIdentity, new_token_object_id, newest_with_label
+from keysealer.hsm_broker.key_naming import (
+    KeyIdentity,
+    KeyVersion,
+    current_version,
+    new_token_object_id,
+    newest_with_label,
+)
 from keysealer.hsm_broker.pin import read_pin, read_pin_file
 from keysealer.hsm_broker.token import (
     AES_KEY_BYTES,
     BadPin,
+    TokenKey,
     TokenUnavailable,
     error_name,
     find_keys,
@@ -24,7 +32,7 @@ from keysealer.hsm_broker.token import (
     load_module,
     open_user_session,
 )
-from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, FatalError
+from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, FatalError, UsageError
 
 
 @contextlib.contextmanager
@@ -84,17 +92,67 @@ def create_key(config_path: Path, label: str | None, if_missing: bool = False) -
     return EXIT_OK
 
 
+def rotate_key(config_path: Path) -> int:
+    """A new version of the current label: running brokers wrap under it within seconds."""
+    code = create_key(config_path, None)
+    print("running brokers switch to it within 5 s (at once on SIGHUP); older keys keep decrypting")
+    return code
+
+
+def _state(key: TokenKey, current: KeyVersion | None) -> str:
+    if key.retired:
+        return "retired"
+    return "current" if current is not None and key.identity == current.identity else "decrypt-only"
+
+
 def list_keys(config_path: Path) -> int:
     config = load_broker_config(config_path)
     with _user_session(config) as session:
-        keys = [k.identity for k in find_keys(session)]
-    current = newest_with_label(keys, config.keys.current_label)
+        keys = find_keys(session)
+    current = current_version(list(keys), config.keys.current_label)
     print(f"{'KEY ID':<36}  {'LABEL':<24}  {'CREATED (UTC)':<20}  STATE")
-    for key in sorted(keys, key=lambda k: (k.created, k.token_object_id)):
-        created = datetime.datetime.fromtimestamp(key.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        state = "current" if key == current else "decrypt-only"
-        print(f"{key.key_id:<36}  {key.label:<24}  {created:<20}  {state}")
+    for key in sorted(keys, key=lambda k: (k.identity.created, k.identity.token_object_id)):
+        identity = key.identity
+        created = datetime.datetime.fromtimestamp(identity.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{identity.key_id:<36}  {identity.label:<24}  {created:<20}  {_state(key, current)}")
     return EXIT_OK
+
+
+def retire_key(config_path: Path, key_id: str, force: bool, destroy: bool, assume_yes: bool) -> int:
+    """Make a key unusable (the token refuses it from then on), and with --destroy delete it."""
+    config = load_broker_config(config_path)
+    with _user_session(config) as session:
+        keys = find_keys(session)
+        key = next((k for k in keys if k.identity.key_id == key_id), None)
+        if key is None:
+            raise UsageError(f"no KeySealer key with key_id {key_id} in the token")
+        current = current_version(list(keys), config.keys.current_label)
+        if current is not None and current.identity == key.identity:
+            print(f"warning: {key_id} is the current key: until a newer key is created, nothing can be "
+                  "encrypted (Status turns unhealthy)", file=sys.stderr)
+            if not force:
+                raise UsageError("refusing to retire the current key without --force; rotate first")
+        if destroy and not _confirmed(key_id, assume_yes):
+            raise UsageError("not confirmed; nothing destroyed")
+        try:
+            if not key.retired:
+                session.setAttributeValue(key.handle, [(PyKCS11.CKA_DECRYPT, False), (PyKCS11.CKA_ENCRYPT, False)])
+            if destroy:
+                session.destroyObject(key.handle)
+        except PyKCS11.PyKCS11Error as exc:
+            raise FatalError(f"the token refused to change the key: {error_name(exc)}") from None
+    print(f"{'destroyed' if destroy else 'retired'} key {key_id}: ciphertexts made under it no longer decrypt")
+    return EXIT_OK
+
+
+def _confirmed(key_id: str, assume_yes: bool) -> bool:
+    if assume_yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError("--destroy needs confirmation: run it in a terminal or add --yes")
+    answer = input(f"Destroying {key_id} is irreversible: every secret still under it is lost.\n"
+                   "Type the key id to confirm: ")
+    return answer.strip() == key_id
 
 
 def init_token(config_path: Path, so_pin_file: Path) -> int:

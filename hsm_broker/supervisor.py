@@ -83,6 +83,8 @@ class Supervisor:
         self._zap = self._context.socket(zmq.REP)
         self._policy = PeerPolicy(frozenset(), frozenset())  # set in run(), once we run as our own user
         self._bound_paths: list[Path] = []
+        self._current_key_id = ""
+        self._pending_control: list[bytes] = []
         socket_path = self.config.ipc.socket
         self._worker_dir = socket_path.parent / "workers"
         self._backend = f"ipc://{self._worker_dir / 'backend.sock'}"
@@ -97,6 +99,7 @@ class Supervisor:
             self._confine()
             signal.signal(signal.SIGTERM, self._request_stop)
             signal.signal(signal.SIGINT, self._request_stop)
+            signal.signal(signal.SIGHUP, self._refresh_all_keys)
             log.info("broker listening on %s with %d workers", self.config.ipc.socket, len(self._slots))
             self._serve()
         finally:
@@ -158,6 +161,7 @@ class Supervisor:
             if self._front in events:
                 self._drain(self._front, self._on_client_message)
             self._reap_workers()
+            self._send_control()
             self._dispatch()
 
     def _request_stop(self, signum: int, _frame: object) -> None:
@@ -230,6 +234,7 @@ class Supervisor:
         if routing_id in self._idle:
             self._idle.remove(routing_id)
         job, slot.job, slot.pid = slot.job, None, 0
+        self._refresh_current_key()
         if job is not None:
             # Wrap and unwrap are idempotent, so a request lost with its worker is safe to run again once.
             if not job.retried and time.monotonic() < job.expires:
@@ -251,6 +256,20 @@ class Supervisor:
         slot.restart_delay = min(slot.restart_delay * 2, RESTART_MAX_SECONDS)
         slot.status = worker_protocol.WorkerStatus("failed", f"worker exited with code {code}", "", ())
 
+    def _send_control(self) -> None:
+        # Sent from the loop, not the signal handler: ZeroMQ sockets are not reentrant.
+        while self._pending_control:
+            self._back.send_multipart([self._pending_control.pop(), worker_protocol.REFRESH_KEYS])
+
+    def _refresh_current_key(self) -> None:
+        self._current_key_id = worker_protocol.agreed_current_key([s.status for s in self._slots if s.pid])
+
+    def _refresh_all_keys(self, _signum: int, _frame: object) -> None:
+        # SIGHUP (systemctl reload): every worker re-reads the token's key set now, not within 5 s.
+        for slot in self._slots:
+            if slot.pid:
+                self._pending_control.append(slot.routing_id)
+
     def _on_worker_message(self, frames: list[bytes]) -> None:
         routing_id, kind, *rest = frames
         slot = next((s for s in self._slots if s.pid and s.routing_id == routing_id), None)
@@ -262,6 +281,7 @@ class Supervisor:
             slot.job = None
         elif kind == worker_protocol.STATUS:
             slot.status = worker_protocol.decode_status(rest[0])
+            self._refresh_current_key()
         ready = slot.status.state == "ready" and slot.job is None
         if ready and routing_id not in self._idle:
             self._idle.append(routing_id)
@@ -290,6 +310,10 @@ class Supervisor:
         if not any(slot.status.state == "ready" for slot in self._slots):
             self._reply_error(client, request.id, op, ErrorCode.TOKEN_UNAVAILABLE, self._not_ready_reason())
             return
+        if isinstance(request, ipc_schema.WrapRequest) and not self._current_key_id:
+            self._reply_error(client, request.id, op, ErrorCode.TOKEN_UNAVAILABLE,
+                              f"no usable key labelled {self.config.keys.current_label!r}")
+            return
         if len(self._queue) >= self.config.workers.queue_limit:
             self._reply_error(client, request.id, op, ErrorCode.BUSY, "broker queue full")
             return
@@ -305,14 +329,14 @@ class Supervisor:
             routing_id = self._idle.popleft()
             slot = next(s for s in self._slots if s.pid and s.routing_id == routing_id)
             slot.job = job
-            self._back.send_multipart([routing_id, job.client, job.frame])
+            # Every wrap uses the agreed key, whichever worker runs it.
+            self._back.send_multipart([routing_id, job.client, job.frame, self._current_key_id.encode()])
 
     def _health(self, request_id: int) -> ipc_schema.HealthResult:
         ready = [s.status for s in self._slots if s.status.state == "ready"]
-        current = next((s.current_key_id for s in ready if s.current_key_id), "")
         key_ids = sorted({k for s in ready for k in s.key_ids})
         workers = tuple(ipc_schema.WorkerHealth(s.status.state, s.status.reason) for s in self._slots)
-        return ipc_schema.HealthResult(request_id, current, tuple(key_ids), workers)
+        return ipc_schema.HealthResult(request_id, self._current_key_id, tuple(key_ids), workers)
 
     def _not_ready_reason(self) -> str:
         reasons = [s.status.reason for s in self._slots if s.status.state in ("failed", "fatal") and s.status.reason]

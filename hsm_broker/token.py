@@ -13,7 +13,7 @@ from typing import Any
 import PyKCS11
 
 from keysealer.hsm_broker.config import TokenConfig
-from keysealer.hsm_broker.key_naming import KeyIdentity, is_keysealer_object_id, newest_with_label
+from keysealer.hsm_broker.key_naming import KeyIdentity, KeyVersion, current_version, is_keysealer_object_id
 from keysealer.shared import ciphertext
 from keysealer.shared.errors import ErrorCode, KeySealerError
 
@@ -53,8 +53,7 @@ def error_name(exc: PyKCS11.PyKCS11Error) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class TokenKey:
-    identity: KeyIdentity
+class TokenKey(KeyVersion):
     handle: Any  # a CK_OBJECT_HANDLE, valid only in this process and login
 
 
@@ -108,10 +107,11 @@ def find_keys(session: Any) -> list[TokenKey]:
     template = [(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES)]
     found = []
     for handle in session.findObjects(template):
-        object_id, label = session.getAttributeValue(handle, [PyKCS11.CKA_ID, PyKCS11.CKA_LABEL])
+        object_id, label, decrypt = session.getAttributeValue(
+            handle, [PyKCS11.CKA_ID, PyKCS11.CKA_LABEL, PyKCS11.CKA_DECRYPT])
         object_id = bytes(object_id or b"")
         if is_keysealer_object_id(object_id):
-            found.append(TokenKey(KeyIdentity(object_id, str(label or "")), handle))
+            found.append(TokenKey(KeyIdentity(object_id, str(label or "")), not decrypt, handle))
     return found
 
 
@@ -126,7 +126,7 @@ class Token:
         self._slot = slot
         self._session = session
         self.current: TokenKey | None = None
-        self._by_ref: dict[bytes, TokenKey] = {}
+        self._by_ref: dict[bytes, TokenKey] = {}  # usable keys only: retired ones serve nothing
         self.refresh_keys()
 
     def refresh_keys(self) -> None:
@@ -136,19 +136,22 @@ class Token:
             keys = find_keys(self._session)
         except PyKCS11.PyKCS11Error as exc:
             raise TokenUnavailable(f"cannot list keys: {error_name(exc)}", exc.value) from None
-        self._by_ref = {k.identity.key_ref: k for k in keys}
-        newest = newest_with_label([k.identity for k in keys], self._current_label)
-        self.current = self._by_ref[newest.key_ref] if newest else None
+        self._by_ref = {k.identity.key_ref: k for k in keys if not k.retired}
+        current = current_version(list(keys), self._current_label)
+        self.current = self._by_ref[current.identity.key_ref] if current else None
 
     @property
     def key_ids(self) -> list[str]:
         return sorted(k.identity.key_id for k in self._by_ref.values())
 
+    def key_by_id(self, key_id: str) -> TokenKey | None:
+        return next((k for k in self._by_ref.values() if k.identity.key_id == key_id), None)
+
     def wrap(self, plaintext: bytes, key: TokenKey | None = None) -> tuple[bytes, str]:
         key = key or self.current
         if key is None:
             raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE,
-                                 f"no key labelled {self._current_label!r} in the token")
+                                 f"no usable key labelled {self._current_label!r} in the token")
         header = ciphertext.header_for(ciphertext.MECH_AES_256_GCM, key.identity.key_ref)
         iv = os.urandom(ciphertext.IV_LEN)
         mechanism = PyKCS11.AES_GCM_Mechanism(iv, header, GCM_TAG_BITS)

@@ -15,7 +15,7 @@ import zmq
 from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.pin import read_pin
-from keysealer.hsm_broker.token import BadPin, Token, TokenUnavailable, open_token
+from keysealer.hsm_broker.token import BadPin, Token, TokenKey, TokenUnavailable, open_token
 from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode, KeySealerError
 from keysealer.shared.process import EXIT_BAD_PIN, FatalError
@@ -99,12 +99,14 @@ class Worker:
     def _report_ready(self) -> None:
         token = self._token
         assert token is not None
-        current = token.current.identity.key_id if token.current else ""
-        reason = "" if current else f"no key labelled {self._config.keys.current_label!r}"
-        self._report("ready", reason, current, tuple(token.key_ids))
+        current = token.current.identity if token.current else None
+        reason = "" if current else f"no usable key labelled {self._config.keys.current_label!r}"
+        self._report("ready", reason, current.key_id if current else "", tuple(token.key_ids),
+                     current.created if current else 0)
 
-    def _report(self, state: str, reason: str, current: str = "", key_ids: tuple[str, ...] = ()) -> None:
-        status = worker_protocol.WorkerStatus(state, reason, current, key_ids)
+    def _report(self, state: str, reason: str, current: str = "", key_ids: tuple[str, ...] = (),
+                created: int = 0) -> None:
+        status = worker_protocol.WorkerStatus(state, reason, current, key_ids, created)
         self._socket.send_multipart([worker_protocol.STATUS, worker_protocol.encode_status(status)])
 
     def _refresh_keys(self, older_than: float) -> bool:
@@ -132,21 +134,25 @@ class Worker:
         self._token = None
 
     def _serve_one(self) -> None:
-        client, frame = self._socket.recv_multipart()
+        frames = self._socket.recv_multipart()
+        if frames == [worker_protocol.REFRESH_KEYS]:
+            self._refresh_keys(0.0)
+            return
+        client, frame, wrap_key_id = frames
         request = ipc_schema.decode_request(frame)  # the supervisor validated it already
         op = ipc_schema.op_of(request)
-        reply = self._handle(request)
+        reply = self._handle(request, wrap_key_id.decode())
         self._socket.send_multipart([worker_protocol.REPLY, client, ipc_schema.encode_reply(reply, op)])
         if self._token is None:
             self._report("failed", "token session lost; reopening")
 
-    def _handle(self, request: ipc_schema.Request) -> ipc_schema.Reply:
+    def _handle(self, request: ipc_schema.Request, wrap_key_id: str) -> ipc_schema.Reply:
         token = self._token
         if token is None:
             return ipc_schema.ErrorReply(request.id, ErrorCode.TOKEN_UNAVAILABLE, "token not open")
         try:
             if isinstance(request, ipc_schema.WrapRequest):
-                sealed, key_id = token.wrap(request.plaintext)
+                sealed, key_id = token.wrap(request.plaintext, self._wrap_key(token, wrap_key_id))
                 return ipc_schema.WrapResult(request.id, sealed, key_id)
             if isinstance(request, ipc_schema.UnwrapRequest):
                 return ipc_schema.UnwrapResult(request.id, self._unwrap(token, request))
@@ -156,6 +162,14 @@ class Worker:
         except TokenUnavailable as exc:
             self._drop_token(exc)
             return ipc_schema.ErrorReply(request.id, ErrorCode.TOKEN_UNAVAILABLE, exc.reason)
+
+    def _wrap_key(self, token: Token, key_id: str) -> TokenKey:
+        key = token.key_by_id(key_id)
+        if key is None and self._refresh_keys(UNKNOWN_KEY_REFRESH_SECONDS):
+            key = token.key_by_id(key_id)
+        if key is None:
+            raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, "the agreed current key is not usable in this worker")
+        return key
 
     def _unwrap(self, token: Token, request: ipc_schema.UnwrapRequest) -> bytes:
         try:

@@ -1,7 +1,8 @@
 """Messages between the broker's supervisor and its workers (private to the broker).
 
 A worker sends [STATUS, packed status] when its state changes, and [REPLY, client, reply frame] for each
-request; a worker that replied is idle again. The supervisor sends [client, request frame].
+request; a worker that replied is idle again. The supervisor sends [client, request frame, wrap key id]
+(the key every wrap must use, chosen by the supervisor so all workers agree) or [REFRESH_KEYS].
 """
 
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import msgpack
 
 STATUS = b"S"
 REPLY = b"R"
+REFRESH_KEYS = b"K"
 
 
 def worker_routing_id(pid: int) -> bytes:
@@ -22,15 +24,29 @@ class WorkerStatus:
     state: str  # "starting", "ready", "failed" (retrying) or "fatal" (about to exit; never restart it)
     reason: str  # short, public: why the worker is not ready
     current_key_id: str
-    key_ids: tuple[str, ...]
+    key_ids: tuple[str, ...]  # usable keys (retired ones excluded)
+    current_created: int = 0  # orders the current keys that different workers report
 
 
 def encode_status(status: WorkerStatus) -> bytes:
     packed: bytes = msgpack.packb(
-        [status.state, status.reason, status.current_key_id, list(status.key_ids)], use_bin_type=True)
+        [status.state, status.reason, status.current_key_id, list(status.key_ids), status.current_created],
+        use_bin_type=True)
     return packed
 
 
 def decode_status(frame: bytes) -> WorkerStatus:
-    state, reason, current, key_ids = msgpack.unpackb(frame, raw=False)
-    return WorkerStatus(str(state), str(reason), str(current), tuple(str(k) for k in key_ids))
+    state, reason, current, key_ids, created = msgpack.unpackb(frame, raw=False)
+    return WorkerStatus(str(state), str(reason), str(current), tuple(str(k) for k in key_ids), int(created))
+
+
+def agreed_current_key(statuses: list[WorkerStatus]) -> str:
+    """The key every wrap uses: the newest current key that every ready worker already knows.
+
+    After a rotation, workers notice the new key at different moments; until all know it, wraps stay on
+    the old one, so Status never announces a key that some worker could not yet wrap under.
+    """
+    ready = [s for s in statuses if s.state == "ready"]
+    created = {s.current_key_id: s.current_created for s in ready if s.current_key_id}
+    known_by_all = [k for k in created if all(k in s.key_ids for s in ready)]
+    return max(known_by_all, key=lambda k: (created[k], k), default="")

@@ -32,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--config", type=Path, required=True, help="broker YAML config")
     create.add_argument("--label", help="label of the new key (default: keys.current_label)")
     create.add_argument("--if-missing", action="store_true", help="do nothing if a key has this label")
+    rotate = keys.add_parser("rotate", help="create a new version of the current key and make it current")
+    rotate.add_argument("--config", type=Path, required=True, help="broker YAML config")
+    retire = keys.add_parser("retire", help="make an old key unusable for decryption (--destroy: delete it)")
+    retire.add_argument("key_id", help="the key_id to retire, as `keys list` shows it")
+    retire.add_argument("--config", type=Path, required=True, help="broker YAML config")
+    retire.add_argument("--force", action="store_true", help="retire even the current key")
+    retire.add_argument("--destroy", action="store_true", help="also delete the key from the token")
+    retire.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     listing = keys.add_parser("list", help="list KeySealer keys: key_id, label, creation time, state")
     listing.add_argument("--config", type=Path, required=True, help="broker YAML config")
     init = keys.add_parser("init-token", help="initialise a software token with the configured label")
@@ -62,6 +70,10 @@ def _run() -> int:
         return keys_cli.create_key(args.config, args.label, args.if_missing)
     if args.keys_command == "list":
         return keys_cli.list_keys(args.config)
+    if args.keys_command == "rotate":
+        return keys_cli.rotate_key(args.config)
+    if args.keys_command == "retire":
+        return keys_cli.retire_key(args.config, args.key_id, args.force, args.destroy, args.yes)
     return keys_cli.init_token(args.config, args.so_pin_file)
 
 

@@ -1,0 +1,166 @@
+"""Key lifecycle on a real token with the plugin running: rotate in place, retire, destroy, re-create."""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import Plugin
+
+SWITCH_SECONDS = 20.0  # worker refresh (5 s) + frontend probe (5 s) + slack
+
+
+def keys(plugin: Plugin, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["keysealer", "keys", *args, "--config", str(plugin.layout.broker_config)],
+                          capture_output=True, text=True, timeout=60, check=check)
+
+
+def created_key_id(result: subprocess.CompletedProcess[str]) -> str:
+    found = re.search(r"created key (ks1-[0-9a-f]{32})", result.stdout)
+    assert found, result.stdout
+    return found.group(1)
+
+
+def states(plugin: Plugin) -> dict[str, str]:
+    return {line.split()[0]: line.split()[-1] for line in keys(plugin, "list").stdout.splitlines()[1:]}
+
+
+def wait_for_status_key(plugin: Plugin, key_id: str) -> None:
+    deadline = time.monotonic() + SWITCH_SECONDS
+    while plugin.status().key_id != key_id:
+        assert time.monotonic() < deadline, f"Status never reported {key_id}"
+        time.sleep(0.1)
+
+
+def test_rotation_under_load_fails_no_call_and_status_never_leads_encrypt(plugin: Plugin) -> None:
+    order = [plugin.status().key_id]  # key ids in creation order
+    ledger: list[tuple[bytes, object]] = []
+    encrypts: list[tuple[float, str]] = []  # (start time, key_id returned)
+    statuses: list[tuple[float, str]] = []  # (time answered, key_id reported)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            seed, started = os.urandom(32), time.monotonic()
+            try:
+                encrypted = plugin.encrypt(seed)
+                encrypts.append((started, encrypted.key_id))
+                ledger.append((seed, encrypted))
+                assert plugin.decrypt(encrypted) == seed
+            except grpc.RpcError as exc:
+                failures.append(exc.code().name)
+
+    def poll_status() -> None:
+        while not stop.is_set():
+            statuses.append((time.monotonic(), plugin.status().key_id))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=load) for _ in range(8)] + [threading.Thread(target=poll_status)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(2):
+            order.append(created_key_id(keys(plugin, "rotate")))
+            wait_for_status_key(plugin, order[-1])
+            time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    rank = {key_id: i for i, key_id in enumerate(order)}
+    assert {key_id for _, key_id in encrypts} <= set(order)
+    # Once Status announced a key, no Encrypt started afterwards returns an older one: the apiserver
+    # would throw such a result away and mark the plugin unhealthy.
+    for started, key_id in encrypts:
+        announced = [k for t, k in statuses if t < started]
+        if announced:
+            assert rank[key_id] >= rank[announced[-1]]
+    assert [rank[k] for _, k in statuses] == sorted(rank[k] for _, k in statuses)  # no flip-flop
+    for seed, encrypted in ledger:
+        assert plugin.decrypt(encrypted) == seed  # type: ignore[arg-type]
+
+
+def test_old_ciphertexts_decrypt_after_several_rotations(plugin: Plugin) -> None:
+    ledger = []
+    for _ in range(3):
+        seed = os.urandom(32)
+        ledger.append((seed, plugin.encrypt(seed)))
+        new_key = created_key_id(keys(plugin, "rotate"))
+        assert plugin.broker is not None
+        os.kill(plugin.broker.pid, signal.SIGHUP)  # switch now instead of within 5 s
+        wait_for_status_key(plugin, new_key)
+    assert len({encrypted.key_id for _, encrypted in ledger}) == 3
+    for seed, encrypted in ledger:
+        assert plugin.decrypt(encrypted) == seed
+    listed = states(plugin)
+    assert list(listed.values()).count("current") == 1 and list(listed.values()).count("decrypt-only") == 3
+
+
+def test_retired_keys_refuse_and_the_current_key_needs_force(plugin: Plugin) -> None:
+    seed = os.urandom(32)
+    old = plugin.encrypt(seed)
+    new_key = created_key_id(keys(plugin, "rotate"))
+    refused = keys(plugin, "retire", new_key, check=False)
+    assert refused.returncode == 2 and "is the current key" in refused.stderr
+    keys(plugin, "retire", old.key_id)
+    assert states(plugin) == {old.key_id: "retired", new_key: "current"}
+    assert plugin.broker is not None
+    os.kill(plugin.broker.pid, signal.SIGHUP)
+    deadline = time.monotonic() + SWITCH_SECONDS
+    while True:
+        try:
+            plugin.decrypt(old)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            break
+        assert time.monotonic() < deadline, "a retired key still decrypts"
+        time.sleep(0.2)
+
+
+def test_retiring_the_current_key_never_falls_back_to_an_older_one(plugin: Plugin) -> None:
+    first = plugin.status().key_id
+    second = created_key_id(keys(plugin, "rotate"))
+    assert plugin.broker is not None
+    os.kill(plugin.broker.pid, signal.SIGHUP)
+    wait_for_status_key(plugin, second)
+    keys(plugin, "retire", second, "--force")
+    os.kill(plugin.broker.pid, signal.SIGHUP)
+    deadline = time.monotonic() + SWITCH_SECONDS
+    while plugin.status().healthz == "ok":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert plugin.status().key_id != first  # never A -> B -> A
+    with pytest.raises(grpc.RpcError) as failure:
+        plugin.encrypt(os.urandom(32))
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    third = created_key_id(keys(plugin, "rotate"))
+    os.kill(plugin.broker.pid, signal.SIGHUP)
+    wait_for_status_key(plugin, third)
+    assert plugin.wait_healthy().key_id == third
+
+
+def test_key_ids_are_unique_across_create_rotate_retire_and_recreate(plugin: Plugin) -> None:
+    seen = [plugin.status().key_id]
+    seen.append(created_key_id(keys(plugin, "rotate")))
+    seen.append(created_key_id(keys(plugin, "create", "--label", "spare")))
+    keys(plugin, "retire", seen[-1], "--destroy", "--yes")
+    seen.append(created_key_id(keys(plugin, "create", "--label", "spare")))  # the same label again
+    assert len(set(seen)) == len(seen)
+    listed = states(plugin)
+    assert seen[2] not in listed and listed[seen[3]] == "decrypt-only"
+
+
+def test_destroy_without_confirmation_is_refused(plugin: Plugin, tmp_path: Path) -> None:
+    spare = created_key_id(keys(plugin, "create", "--label", "spare"))
+    result = subprocess.run(["keysealer", "keys", "retire", spare, "--destroy", "--config",
+                             str(plugin.layout.broker_config)], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "--yes" in result.stderr
+    assert states(plugin)[spare] == "decrypt-only"
