@@ -1,8 +1,11 @@
 """How KeySealer marks its keys in a token (documented in docs/ciphertext-format.md).
 
-CKA_ID = b"KS1" + creation time (8 bytes, big-endian Unix seconds) + 16 random bytes. The prefix tells our
-keys from others sharing the token, the time orders versions of one label, and the random part makes every
-key's derived key_id unique, even for a re-created label.
+CKA_ID = b"KS2" + mechanism (1 byte, ciphertext.Mechanism) + creation time (8 bytes, big-endian Unix
+seconds) + 16 random bytes. The prefix tells our keys from others sharing the token, the mechanism says
+how the key is used, the time orders versions of one label, and the random part makes every key's derived
+key_id unique, even for a re-created label. Objects that make one key (an AES key and its HMAC key, an RSA
+key pair) share the CKA_ID. Keys made before mechanisms were recorded have b"KS1" and no mechanism byte:
+they are AES-256-GCM keys.
 
 Key versions of one label: the newest is current; a retired key (CKA_DECRYPT and CKA_ENCRYPT set to false,
 which the token itself enforces) serves nothing. If the newest is retired there is no current key: an
@@ -14,10 +17,13 @@ import struct
 import time
 from dataclasses import dataclass
 
+from keysealer.shared.ciphertext import Mechanism
 from keysealer.shared.key_ids import key_id_for_ref, key_ref_for
 
-ID_MAGIC = b"KS1"
-_ID_LEN = len(ID_MAGIC) + 8 + 16
+ID_MAGIC = b"KS2"
+LEGACY_ID_MAGIC = b"KS1"
+_ID_LEN = len(ID_MAGIC) + 1 + 8 + 16
+_LEGACY_ID_LEN = len(LEGACY_ID_MAGIC) + 8 + 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +32,17 @@ class KeyIdentity:
     label: str
 
     @property
+    def _legacy(self) -> bool:
+        return self.token_object_id.startswith(LEGACY_ID_MAGIC)
+
+    @property
+    def mechanism(self) -> Mechanism:
+        return Mechanism.AES_256_GCM if self._legacy else Mechanism(self.token_object_id[len(ID_MAGIC)])
+
+    @property
     def created(self) -> int:
-        (seconds,) = struct.unpack(">Q", self.token_object_id[len(ID_MAGIC) : len(ID_MAGIC) + 8])
+        start = len(LEGACY_ID_MAGIC) if self._legacy else len(ID_MAGIC) + 1
+        (seconds,) = struct.unpack(">Q", self.token_object_id[start : start + 8])
         return int(seconds)
 
     @property
@@ -39,12 +54,16 @@ class KeyIdentity:
         return key_id_for_ref(self.key_ref)
 
 
-def new_token_object_id() -> bytes:
-    return ID_MAGIC + struct.pack(">Q", int(time.time())) + os.urandom(16)
+def new_token_object_id(mechanism: Mechanism = Mechanism.AES_256_GCM) -> bytes:
+    return ID_MAGIC + bytes((mechanism,)) + struct.pack(">Q", int(time.time())) + os.urandom(16)
 
 
 def is_keysealer_object_id(token_object_id: bytes) -> bool:
-    return len(token_object_id) == _ID_LEN and token_object_id.startswith(ID_MAGIC)
+    if len(token_object_id) == _LEGACY_ID_LEN and token_object_id.startswith(LEGACY_ID_MAGIC):
+        return True
+    if len(token_object_id) != _ID_LEN or not token_object_id.startswith(ID_MAGIC):
+        return False
+    return token_object_id[len(ID_MAGIC)] in set(Mechanism)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,10 @@ These run in the operator's process, not the broker: they load the module, log i
 
 import contextlib
 import datetime
+import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,9 @@ from keysealer.hsm_broker.key_naming import (
     new_token_object_id,
     newest_with_label,
 )
+from keysealer.hsm_broker.mechanisms import BY_NAME, MECHANISMS, KeyMechanism, offered_by
 from keysealer.hsm_broker.pin import read_pin, read_pin_file
 from keysealer.hsm_broker.token import (
-    AES_KEY_BYTES,
     BadPin,
     TokenKey,
     TokenUnavailable,
@@ -32,15 +34,25 @@ from keysealer.hsm_broker.token import (
     load_module,
     open_user_session,
 )
+from keysealer.shared.ciphertext import Mechanism, header_for
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, FatalError, UsageError
 
 
+@dataclass(frozen=True)
+class _OpenToken:
+    session: Any
+    offered: set[int]  # the CKM_* mechanisms the token offers
+
+
 @contextlib.contextmanager
-def _user_session(config: BrokerConfig) -> Iterator[Any]:
+def _user_session(config: BrokerConfig) -> Iterator[_OpenToken]:
     pin = read_pin(config.token.pin_file)
     try:
         lib = load_module(config.token)
-        session = open_user_session(lib, find_slot(lib, config.token), pin, rw=True)
+        slot = find_slot(lib, config.token)
+        session = open_user_session(lib, slot, pin, rw=True)
+        # PyKCS11 names the mechanisms; vendor-defined ones it cannot name are of no use to us anyway.
+        offered = {PyKCS11.CKM[m] for m in lib.getMechanismList(slot) if isinstance(PyKCS11.CKM.get(m), int)}
     except BadPin as exc:
         raise FatalError(str(exc), EXIT_BAD_PIN) from None
     except TokenUnavailable as exc:
@@ -48,53 +60,69 @@ def _user_session(config: BrokerConfig) -> Iterator[Any]:
     finally:
         pin[:] = bytes(len(pin))
     try:
-        yield session
+        yield _OpenToken(session, offered)
     finally:
         session.logout()
         session.closeSession()
 
 
-def key_template(identity: KeyIdentity) -> list[tuple[int, Any]]:
-    """An AES-256 key that never leaves the token and only encrypts and decrypts."""
-    return [
-        (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
-        (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
-        (PyKCS11.CKA_VALUE_LEN, AES_KEY_BYTES),
-        (PyKCS11.CKA_TOKEN, True),
-        (PyKCS11.CKA_PRIVATE, True),
-        (PyKCS11.CKA_SENSITIVE, True),
-        (PyKCS11.CKA_EXTRACTABLE, False),
-        (PyKCS11.CKA_ENCRYPT, True),
-        (PyKCS11.CKA_DECRYPT, True),
-        (PyKCS11.CKA_WRAP, False),
-        (PyKCS11.CKA_UNWRAP, False),
-        (PyKCS11.CKA_SIGN, False),
-        (PyKCS11.CKA_VERIFY, False),
-        (PyKCS11.CKA_DERIVE, False),
-        (PyKCS11.CKA_LABEL, identity.label),
-        (PyKCS11.CKA_ID, identity.token_object_id),
-    ]
-
-
-def create_key(config_path: Path, label: str | None, if_missing: bool = False) -> int:
+def create_key(config_path: Path, label: str | None, if_missing: bool = False, mechanism: str | None = None) -> int:
     config = load_broker_config(config_path)
-    identity = KeyIdentity(new_token_object_id(), label or config.keys.current_label)
-    with _user_session(config) as session:
-        existing = newest_with_label([k.identity for k in find_keys(session)], identity.label)
+    with _user_session(config) as token:
+        keys = find_keys(token.session)
+        label = label or config.keys.current_label
+        existing = newest_with_label([k.identity for k in keys], label)
         if if_missing and existing is not None:
-            print(f"key {existing.key_id} (label {identity.label!r}) exists already")
+            print(f"key {existing.key_id} (label {label!r}) exists already")
             return EXIT_OK
+        chosen = _choose_mechanism(mechanism, existing, token.offered)
+        identity = KeyIdentity(new_token_object_id(chosen.mechanism), label)
         try:
-            session.generateKey(key_template(identity), PyKCS11.MechanismAESGENERATEKEY)
+            chosen.generate(token.session, identity)
         except PyKCS11.PyKCS11Error as exc:
-            raise FatalError(f"the token refused to create the key: {error_name(exc)}") from None
-    print(f"created key {identity.key_id} (label {identity.label!r})")
+            raise FatalError(f"the token refused to create a {chosen.name} key: {error_name(exc)}") from None
+        _self_test(token.session, identity, chosen)
+    print(f"created key {identity.key_id} (label {label!r}, {chosen.name})")
     return EXIT_OK
 
 
-def rotate_key(config_path: Path) -> int:
+def _choose_mechanism(name: str | None, previous: KeyIdentity | None, offered: set[int]) -> KeyMechanism:
+    """The named mechanism, else the previous version's (a rotation keeps it), else AES-GCM; the token must
+    offer what it needs."""
+    if name is not None:
+        chosen = BY_NAME[name]
+    else:
+        chosen = MECHANISMS[previous.mechanism if previous else Mechanism.AES_256_GCM]
+    if not chosen.needs <= offered:
+        usable = ", ".join(offered_by(offered)) or "none of KeySealer's mechanisms"
+        raise UsageError(f"the token does not offer what {chosen.name} needs; it offers: {usable}")
+    return chosen
+
+
+def _self_test(session: Any, identity: KeyIdentity, mechanism: KeyMechanism) -> None:
+    """Seal and open a random seed with the new key; a key the token cannot use is removed at once."""
+    key = next(k for k in find_keys(session) if k.identity == identity)
+    header, probe = header_for(identity.mechanism, identity.key_ref), os.urandom(32)
+    try:
+        if mechanism.open(session, key.objects, header, mechanism.seal(session, key.objects, header, probe)) == probe:
+            return
+        failure = "a round trip returned different data"
+    except PyKCS11.PyKCS11Error as exc:
+        failure = error_name(exc)
+    _destroy(session, key)
+    raise FatalError(f"the new {mechanism.name} key failed its self-test ({failure}) and was removed; "
+                     "the token may not support this mechanism's parameters")
+
+
+def _destroy(session: Any, key: TokenKey) -> None:
+    for handle in (key.objects.main, key.objects.helper):
+        if handle is not None:
+            session.destroyObject(handle)
+
+
+def rotate_key(config_path: Path, mechanism: str | None = None) -> int:
     """A new version of the current label: running brokers wrap under it within seconds."""
-    code = create_key(config_path, None)
+    code = create_key(config_path, None, mechanism=mechanism)
     print("running brokers switch to it within 5 s (at once on SIGHUP); older keys keep decrypting")
     return code
 
@@ -107,21 +135,23 @@ def _state(key: TokenKey, current: KeyVersion | None) -> str:
 
 def list_keys(config_path: Path) -> int:
     config = load_broker_config(config_path)
-    with _user_session(config) as session:
-        keys = find_keys(session)
+    with _user_session(config) as token:
+        keys = find_keys(token.session)
     current = current_version(list(keys), config.keys.current_label)
-    print(f"{'KEY ID':<36}  {'LABEL':<24}  {'CREATED (UTC)':<20}  STATE")
+    print(f"{'KEY ID':<36}  {'LABEL':<24}  {'CREATED (UTC)':<20}  {'MECHANISM':<14}  STATE")
     for key in sorted(keys, key=lambda k: (k.identity.created, k.identity.token_object_id)):
         identity = key.identity
         created = datetime.datetime.fromtimestamp(identity.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{identity.key_id:<36}  {identity.label:<24}  {created:<20}  {_state(key, current)}")
+        mechanism = MECHANISMS[identity.mechanism].name
+        print(f"{identity.key_id:<36}  {identity.label:<24}  {created:<20}  {mechanism:<14}  {_state(key, current)}")
     return EXIT_OK
 
 
 def retire_key(config_path: Path, key_id: str, force: bool, destroy: bool, assume_yes: bool) -> int:
     """Make a key unusable (the token refuses it from then on), and with --destroy delete it."""
     config = load_broker_config(config_path)
-    with _user_session(config) as session:
+    with _user_session(config) as token:
+        session = token.session
         keys = find_keys(session)
         key = next((k for k in keys if k.identity.key_id == key_id), None)
         if key is None:
@@ -136,9 +166,10 @@ def retire_key(config_path: Path, key_id: str, force: bool, destroy: bool, assum
             raise UsageError("not confirmed; nothing destroyed")
         try:
             if not key.retired:
-                session.setAttributeValue(key.handle, [(PyKCS11.CKA_DECRYPT, False), (PyKCS11.CKA_ENCRYPT, False)])
+                # What find_keys reads as "retired"; the token refuses the key from then on.
+                session.setAttributeValue(key.objects.main, [(PyKCS11.CKA_DECRYPT, False), (PyKCS11.CKA_UNWRAP, False)])
             if destroy:
-                session.destroyObject(key.handle)
+                _destroy(session, key)
         except PyKCS11.PyKCS11Error as exc:
             raise FatalError(f"the token refused to change the key: {error_name(exc)}") from None
     print(f"{'destroyed' if destroy else 'retired'} key {key_id}: ciphertexts made under it no longer decrypt")

@@ -14,6 +14,7 @@ import PyKCS11
 
 from keysealer.hsm_broker.config import TokenConfig
 from keysealer.hsm_broker.key_naming import KeyIdentity, KeyVersion, current_version, is_keysealer_object_id
+from keysealer.hsm_broker.mechanisms import MECHANISMS, KeyObjects
 from keysealer.shared import ciphertext
 from keysealer.shared.errors import ErrorCode, KeySealerError
 
@@ -26,13 +27,12 @@ _PIN_ERRORS = frozenset({
 })
 # Data the token rejected as not authentic: the caller's ciphertext is bad, the token is fine.
 _BAD_DATA_ERRORS = frozenset({
-    PyKCS11.CKR_ENCRYPTED_DATA_INVALID, PyKCS11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+    PyKCS11.CKR_ENCRYPTED_DATA_INVALID, PyKCS11.CKR_ENCRYPTED_DATA_LEN_RANGE, PyKCS11.CKR_WRAPPED_KEY_INVALID,
+    PyKCS11.CKR_WRAPPED_KEY_LEN_RANGE, PyKCS11.CKR_SIGNATURE_INVALID,
 })
 # Errors that may mean bad data or a failing token: SoftHSM answers CKR_GENERAL_ERROR to a GCM tag mismatch.
 _AMBIGUOUS_ERRORS = frozenset({PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_FUNCTION_FAILED})
 SELF_TEST_BYTES = 32
-GCM_TAG_BITS = 128
-AES_KEY_BYTES = 32
 
 
 class TokenUnavailable(Exception):
@@ -50,11 +50,6 @@ class BadPin(Exception):
 
 def error_name(exc: PyKCS11.PyKCS11Error) -> str:
     return str(PyKCS11.CKR.get(exc.value, f"CKR_0x{exc.value:08X}"))
-
-
-@dataclass(frozen=True, slots=True)
-class TokenKey(KeyVersion):
-    handle: Any  # a CK_OBJECT_HANDLE, valid only in this process and login
 
 
 def load_module(config: TokenConfig) -> PyKCS11.PyKCS11Lib:
@@ -102,17 +97,35 @@ def open_user_session(lib: PyKCS11.PyKCS11Lib, slot: int, pin: bytearray, rw: bo
     return session
 
 
+@dataclass(frozen=True, slots=True)
+class TokenKey(KeyVersion):
+    objects: KeyObjects  # handles, valid only in this process and login
+
+
+# Object roles, by (class, key type): the main object seals or unwraps, the helper completes it.
+_MAIN_OBJECTS = {(PyKCS11.CKO_SECRET_KEY, PyKCS11.CKK_AES), (PyKCS11.CKO_PRIVATE_KEY, PyKCS11.CKK_RSA)}
+_HELPER_OBJECTS = {(PyKCS11.CKO_SECRET_KEY, PyKCS11.CKK_GENERIC_SECRET), (PyKCS11.CKO_PUBLIC_KEY, PyKCS11.CKK_RSA)}
+
+
 def find_keys(session: Any) -> list[TokenKey]:
-    """Every AES key in the token that KeySealer created."""
-    template = [(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES)]
-    found = []
-    for handle in session.findObjects(template):
-        object_id, label, decrypt = session.getAttributeValue(
-            handle, [PyKCS11.CKA_ID, PyKCS11.CKA_LABEL, PyKCS11.CKA_DECRYPT])
-        object_id = bytes(object_id or b"")
-        if is_keysealer_object_id(object_id):
-            found.append(TokenKey(KeyIdentity(object_id, str(label or "")), not decrypt, handle))
-    return found
+    """Every key in the token that KeySealer created, with its objects and whether it is retired."""
+    mains: dict[bytes, tuple[Any, str, bool]] = {}
+    helpers: dict[bytes, Any] = {}
+    for object_class in (PyKCS11.CKO_SECRET_KEY, PyKCS11.CKO_PRIVATE_KEY, PyKCS11.CKO_PUBLIC_KEY):
+        for handle in session.findObjects([(PyKCS11.CKA_CLASS, object_class)]):
+            object_id, label, key_type = session.getAttributeValue(
+                handle, [PyKCS11.CKA_ID, PyKCS11.CKA_LABEL, PyKCS11.CKA_KEY_TYPE])
+            object_id = bytes(object_id or b"")
+            if not is_keysealer_object_id(object_id):
+                continue
+            if (object_class, key_type) in _MAIN_OBJECTS:
+                # Retired keys have every unsealing use switched off; the token itself then refuses them.
+                decrypt, unwrap = session.getAttributeValue(handle, [PyKCS11.CKA_DECRYPT, PyKCS11.CKA_UNWRAP])
+                mains[object_id] = (handle, str(label or ""), not (decrypt or unwrap))
+            elif (object_class, key_type) in _HELPER_OBJECTS:
+                helpers[object_id] = handle
+    return [TokenKey(KeyIdentity(object_id, label), retired, KeyObjects(handle, helpers.get(object_id)))
+            for object_id, (handle, label, retired) in mains.items()]
 
 
 class Token:
@@ -152,11 +165,10 @@ class Token:
         if key is None:
             raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE,
                                  f"no usable key labelled {self._current_label!r} in the token")
-        header = ciphertext.header_for(ciphertext.MECH_AES_256_GCM, key.identity.key_ref)
-        iv = os.urandom(ciphertext.IV_LEN)
-        mechanism = PyKCS11.AES_GCM_Mechanism(iv, header, GCM_TAG_BITS)
-        sealed = self._call(self._session.encrypt, key.handle, plaintext, mechanism)
-        return header + iv + bytes(sealed), key.identity.key_id
+        header = ciphertext.header_for(key.identity.mechanism, key.identity.key_ref)
+        mechanism = MECHANISMS[key.identity.mechanism]
+        body = self._call(mechanism.seal, self._session, key.objects, header, plaintext)
+        return header + body, key.identity.key_id
 
     def unwrap(self, data: bytes, key_id: str) -> bytes:
         envelope = ciphertext.parse(data)
@@ -178,8 +190,11 @@ class Token:
             raise KeySealerError(ErrorCode.BAD_CIPHERTEXT, "ciphertext failed authentication") from None
 
     def _decrypt(self, key: TokenKey, envelope: ciphertext.Envelope) -> bytes:
-        mechanism = PyKCS11.AES_GCM_Mechanism(envelope.iv, envelope.header, GCM_TAG_BITS)
-        return bytes(self._call(self._session.decrypt, key.handle, envelope.sealed, mechanism))
+        if envelope.mechanism != key.identity.mechanism:
+            raise KeySealerError(ErrorCode.BAD_CIPHERTEXT, "ciphertext mechanism does not match its key")
+        mechanism = MECHANISMS[envelope.mechanism]
+        opened: bytes = self._call(mechanism.open, self._session, key.objects, envelope.header, envelope.body)
+        return opened
 
     def _replace_session(self) -> None:
         """A new session for the one a failed call may have left in a bad state.

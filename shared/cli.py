@@ -32,8 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--config", type=Path, required=True, help="broker YAML config")
     create.add_argument("--label", help="label of the new key (default: keys.current_label)")
     create.add_argument("--if-missing", action="store_true", help="do nothing if a key has this label")
+    mechanism_help = "how the key seals seeds (default: aes-gcm; rotate keeps the current key's)"
+    mechanisms = ["aes-gcm", "aes-cbc-hmac", "aes-kwp", "rsa-oaep", "rsa-oaep-sha1"]
+    create.add_argument("--mechanism", choices=mechanisms, help=mechanism_help)
     rotate = keys.add_parser("rotate", help="create a new version of the current key and make it current")
     rotate.add_argument("--config", type=Path, required=True, help="broker YAML config")
+    rotate.add_argument("--mechanism", choices=mechanisms, help=mechanism_help)
     retire = keys.add_parser("retire", help="make an old key unusable for decryption (--destroy: delete it)")
     retire.add_argument("key_id", help="the key_id to retire, as `keys list` shows it")
     retire.add_argument("--config", type=Path, required=True, help="broker YAML config")
@@ -67,11 +71,11 @@ def _run() -> int:
     from keysealer.hsm_broker import keys_cli
 
     if args.keys_command == "create":
-        return keys_cli.create_key(args.config, args.label, args.if_missing)
+        return keys_cli.create_key(args.config, args.label, args.if_missing, args.mechanism)
     if args.keys_command == "list":
         return keys_cli.list_keys(args.config)
     if args.keys_command == "rotate":
-        return keys_cli.rotate_key(args.config)
+        return keys_cli.rotate_key(args.config, args.mechanism)
     if args.keys_command == "retire":
         return keys_cli.retire_key(args.config, args.key_id, args.force, args.destroy, args.yes)
     return keys_cli.init_token(args.config, args.so_pin_file)

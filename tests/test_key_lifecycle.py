@@ -164,3 +164,56 @@ def test_destroy_without_confirmation_is_refused(plugin: Plugin, tmp_path: Path)
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "--yes" in result.stderr
     assert states(plugin)[spare] == "decrypt-only"
+
+
+MECHANISMS_ON_SOFTHSM = ["aes-gcm", "aes-cbc-hmac", "aes-kwp", "rsa-oaep-sha1"]
+
+
+def test_every_mechanism_round_trips_stays_under_the_limit_and_refuses_tampering(plugin: Plugin) -> None:
+    from keysealer.frontend.kmsv2 import api_pb2
+
+    ledger = []
+    for mechanism in MECHANISMS_ON_SOFTHSM:
+        key_id = created_key_id(keys(plugin, "rotate", "--mechanism", mechanism))
+        assert plugin.broker is not None
+        os.kill(plugin.broker.pid, signal.SIGHUP)
+        wait_for_status_key(plugin, key_id)
+        for size in (1, 32, 256):  # the apiserver sends 32; the bounds of what the plugin accepts
+            seed = os.urandom(size)
+            encrypted = plugin.encrypt(seed)
+            assert encrypted.key_id == key_id and len(encrypted.ciphertext) <= 1024, mechanism
+            assert plugin.decrypt(encrypted) == seed
+            ledger.append((seed, encrypted))
+        for position in (1, 20, len(encrypted.ciphertext) - 1):  # mechanism byte, body start, body end
+            tampered = bytearray(encrypted.ciphertext)
+            tampered[position] ^= 0x01
+            with pytest.raises(grpc.RpcError) as failure:
+                plugin.stub.Decrypt(api_pb2.DecryptRequest(ciphertext=bytes(tampered), key_id=key_id), timeout=3)
+            assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (mechanism, position)
+    listed = keys(plugin, "list").stdout
+    for mechanism in MECHANISMS_ON_SOFTHSM:
+        assert f" {mechanism} " in listed
+    for seed, encrypted in ledger:  # a rotation may change the mechanism: every old key keeps working
+        assert plugin.decrypt(encrypted) == seed
+
+
+def test_a_mechanism_the_token_cannot_run_is_refused_and_leaves_no_key(plugin: Plugin) -> None:
+    before = states(plugin)
+    # SoftHSM 2.6 lists CKM_RSA_PKCS_OAEP but answers CKR_ARGUMENTS_BAD to OAEP with SHA-256.
+    result = keys(plugin, "create", "--label", "oaep", "--mechanism", "rsa-oaep", check=False)
+    assert result.returncode != 0
+    assert "failed its self-test (CKR_ARGUMENTS_BAD) and was removed" in result.stderr
+    assert states(plugin) == before
+
+
+def test_a_mechanism_the_token_does_not_offer_is_refused_naming_what_it_offers() -> None:
+    import PyKCS11
+
+    from keysealer.hsm_broker.keys_cli import _choose_mechanism
+    from keysealer.shared.process import UsageError
+
+    offered = {PyKCS11.CKM_AES_CBC, PyKCS11.CKM_SHA256_HMAC, PyKCS11.CKM_AES_KEY_GEN,
+               PyKCS11.CKM_GENERIC_SECRET_KEY_GEN}  # what a TPM 2.0 token offers of ours
+    with pytest.raises(UsageError, match=r"does not offer what aes-gcm needs; it offers: aes-cbc-hmac$"):
+        _choose_mechanism(None, None, offered)
+    assert _choose_mechanism("aes-cbc-hmac", None, offered).name == "aes-cbc-hmac"
