@@ -46,6 +46,8 @@ class FrontendConfig:
     broker: BrokerLinkConfig
     # The account to run as when started by root (required then; "root" keeps root on purpose).
     user: str | None = None
+    # Also serve the deprecated KMS v1beta1 API on the same socket, for clusters moving from v1 to v2.
+    kms_v1beta1: bool = False
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
 

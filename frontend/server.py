@@ -8,10 +8,12 @@ import signal
 import grpc
 
 from keysealer.frontend.broker_client import BrokerClient
+from keysealer.frontend.call_gate import CallGate
 from keysealer.frontend.config import FrontendConfig
 from keysealer.frontend.health import HealthMonitor
-from keysealer.frontend.kmsv2 import api_pb2_grpc
-from keysealer.frontend.service import KmsService
+from keysealer.frontend.kmsv1 import api_pb2_grpc as v1_grpc
+from keysealer.frontend.kmsv2 import api_pb2_grpc as v2_grpc
+from keysealer.frontend.service import Forwarder, KmsService, KmsV1Service
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
 from keysealer.shared.sandbox import SandboxError, become_configured_user, lock_down, require_user_if_root
@@ -40,8 +42,10 @@ async def serve(config: FrontendConfig) -> int:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
-    api_pb2_grpc.add_KeyManagementServiceServicer_to_server(
-        KmsService(client, health, config.limits), server)
+    forwarder, gate = Forwarder(client, health), CallGate(config.limits)
+    v2_grpc.add_KeyManagementServiceServicer_to_server(KmsService(forwarder, health, gate), server)
+    if config.kms_v1beta1:
+        v1_grpc.add_KeyManagementServiceServicer_to_server(KmsV1Service(forwarder, gate), server)
     with umask(0o177):  # the socket is 0600 from the moment it exists
         try:
             server.add_insecure_port(f"unix:{path}")

@@ -1,87 +1,91 @@
-"""The KMS v2 gRPC service: validate, admit, forward to the broker, map errors to gRPC codes."""
+"""The KMS gRPC services: validate, admit, forward to the broker. v2 always; v1beta1 when configured, for
+clusters moving from KMS v1 to v2 (the same keys and ciphertexts serve both)."""
 
-import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-import grpc
+from importlib.metadata import version
 
 from keysealer.frontend import validation
 from keysealer.frontend.broker_client import BrokerClient
-from keysealer.frontend.config import LimitsConfig
+from keysealer.frontend.call_gate import CallGate, Context
 from keysealer.frontend.health import HealthMonitor
-from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
+from keysealer.frontend.kmsv1 import api_pb2 as v1
+from keysealer.frontend.kmsv1 import api_pb2_grpc as v1_grpc
+from keysealer.frontend.kmsv2 import api_pb2 as v2
+from keysealer.frontend.kmsv2 import api_pb2_grpc as v2_grpc
 from keysealer.shared.errors import ErrorCode, KeySealerError
 
-log = logging.getLogger(__name__)
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Context = grpc.aio.ServicerContext[Any, Any]
-
 API_VERSION = "v2"
-# Time kept back from the caller's deadline to send our answer before it expires.
-DEADLINE_MARGIN_SECONDS = 0.05
-
-GRPC_CODES = {
-    ErrorCode.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.UNKNOWN_KEY: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.BAD_CIPHERTEXT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorCode.TOKEN_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.BROKER_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.WORKER_LOST: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
-}
+V1_API_VERSION = "v1beta1"
+RUNTIME_NAME = "KeySealer"
 
 
-class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
-    def __init__(self, client: BrokerClient, health: HealthMonitor, limits: LimitsConfig) -> None:
+class Forwarder:
+    """The two operations both API versions forward to the broker."""
+
+    def __init__(self, client: BrokerClient, health: HealthMonitor) -> None:
         self._client = client
         self._health = health
-        self._limits = limits
-        self._in_flight = 0
 
-    async def Status(self, request: api_pb2.StatusRequest, context: Context
-                     ) -> api_pb2.StatusResponse:
-        health = self._health.current()
-        return api_pb2.StatusResponse(version=API_VERSION, healthz=health.reason, key_id=health.key_id)
+    async def wrap(self, plaintext: bytes, uid: str, timeout: float) -> tuple[bytes, str]:
+        validation.check_encrypt(plaintext, uid)
+        result = await self._client.wrap(plaintext, timeout)
+        return result.ciphertext, result.key_id
 
-    async def Encrypt(self, request: api_pb2.EncryptRequest, context: Context
-                      ) -> api_pb2.EncryptResponse:
-        return await self._serve(context, self._encrypt, request)
-
-    async def Decrypt(self, request: api_pb2.DecryptRequest, context: Context
-                      ) -> api_pb2.DecryptResponse:
-        return await self._serve(context, self._decrypt, request)
-
-    async def _encrypt(self, request: api_pb2.EncryptRequest, timeout: float) -> api_pb2.EncryptResponse:
-        validation.check_encrypt(request.plaintext, request.uid)
-        result = await self._client.wrap(request.plaintext, timeout)
-        return api_pb2.EncryptResponse(ciphertext=result.ciphertext, key_id=result.key_id,
-                                       annotations=validation.ANNOTATIONS)
-
-    async def _decrypt(self, request: api_pb2.DecryptRequest, timeout: float) -> api_pb2.DecryptResponse:
-        validation.check_decrypt(request.ciphertext, request.uid, request.key_id, request.annotations)
-        if not await self._health.is_known_key(request.key_id):
+    async def unwrap(self, ciphertext: bytes, key_id: str, timeout: float) -> bytes:
+        """`ciphertext` and `key_id` were validated by the caller, against their API's rules."""
+        if not await self._health.is_known_key(key_id):
             raise KeySealerError(ErrorCode.UNKNOWN_KEY, "key_id is not a key this plugin holds")
-        result = await self._client.unwrap(request.ciphertext, request.key_id, timeout)
-        return api_pb2.DecryptResponse(plaintext=result.plaintext)
+        return (await self._client.unwrap(ciphertext, key_id, timeout)).plaintext
 
-    async def _serve(self, context: Context,
-                     handler: Callable[[Req, float], Awaitable[Resp]], request: Req) -> Resp:
-        """Admit the call under the in-flight bound, give it its deadline, turn errors into gRPC codes."""
-        if self._in_flight >= self._limits.max_in_flight:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight")
-        self._in_flight += 1
-        try:
-            timeout = self._limits.call_timeout_seconds
-            remaining = context.time_remaining()
-            if remaining is not None:
-                timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
-            return await handler(request, max(timeout, 0.001))
-        except KeySealerError as exc:
-            await context.abort(GRPC_CODES[exc.code], exc.message)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "broker did not answer in time")
-        finally:
-            self._in_flight -= 1
+
+class KmsService(v2_grpc.KeyManagementServiceServicer):
+    def __init__(self, forwarder: Forwarder, health: HealthMonitor, gate: CallGate) -> None:
+        self._forwarder = forwarder
+        self._health = health
+        self._gate = gate
+
+    async def Status(self, request: v2.StatusRequest, context: Context) -> v2.StatusResponse:
+        health = self._health.current()
+        return v2.StatusResponse(version=API_VERSION, healthz=health.reason, key_id=health.key_id)
+
+    async def Encrypt(self, request: v2.EncryptRequest, context: Context) -> v2.EncryptResponse:
+        return await self._gate.run(context, self._encrypt, request)
+
+    async def Decrypt(self, request: v2.DecryptRequest, context: Context) -> v2.DecryptResponse:
+        return await self._gate.run(context, self._decrypt, request)
+
+    async def _encrypt(self, request: v2.EncryptRequest, timeout: float) -> v2.EncryptResponse:
+        ciphertext, key_id = await self._forwarder.wrap(request.plaintext, request.uid, timeout)
+        return v2.EncryptResponse(ciphertext=ciphertext, key_id=key_id, annotations=validation.ANNOTATIONS)
+
+    async def _decrypt(self, request: v2.DecryptRequest, timeout: float) -> v2.DecryptResponse:
+        validation.check_decrypt(request.ciphertext, request.uid, request.key_id, request.annotations)
+        plaintext = await self._forwarder.unwrap(request.ciphertext, request.key_id, timeout)
+        return v2.DecryptResponse(plaintext=plaintext)
+
+
+class KmsV1Service(v1_grpc.KeyManagementServiceServicer):
+    """KMS v1 has no key_id: the key is the one the ciphertext's key reference names."""
+
+    def __init__(self, forwarder: Forwarder, gate: CallGate) -> None:
+        self._forwarder = forwarder
+        self._gate = gate
+
+    async def Version(self, request: v1.VersionRequest, context: Context) -> v1.VersionResponse:
+        return v1.VersionResponse(version=V1_API_VERSION, runtime_name=RUNTIME_NAME,
+                                  runtime_version=version("keysealer"))
+
+    async def Encrypt(self, request: v1.EncryptRequest, context: Context) -> v1.EncryptResponse:
+        return await self._gate.run(context, self._encrypt, request)
+
+    async def Decrypt(self, request: v1.DecryptRequest, context: Context) -> v1.DecryptResponse:
+        return await self._gate.run(context, self._decrypt, request)
+
+    async def _encrypt(self, request: v1.EncryptRequest, timeout: float) -> v1.EncryptResponse:
+        validation.check_v1_version(request.version)
+        ciphertext, _ = await self._forwarder.wrap(request.plain, "", timeout)
+        return v1.EncryptResponse(cipher=ciphertext)
+
+    async def _decrypt(self, request: v1.DecryptRequest, timeout: float) -> v1.DecryptResponse:
+        validation.check_v1_version(request.version)
+        key_id = validation.key_id_of(request.cipher)
+        return v1.DecryptResponse(plain=await self._forwarder.unwrap(request.cipher, key_id, timeout))

@@ -30,23 +30,34 @@ def check_encrypt(plaintext: bytes, uid: str) -> None:
 def check_decrypt(data: bytes, uid: str, key_id: str, annotations: Mapping[str, bytes]) -> None:
     """Shape checks; whether the key exists is asked of the broker's key set by the caller."""
     _check_uid(uid)
-    if not data:
-        raise _invalid("ciphertext is empty")
     if not key_id:
         raise _invalid("key_id is empty")
     if not is_well_formed_key_id(key_id):
         raise _invalid("key_id is not a KeySealer key id")
-    try:
-        envelope = ciphertext.parse(data)
-    except KeySealerError as exc:
-        raise _invalid(exc.message) from None
-    if key_id_for_ref(envelope.key_ref) != key_id:
+    if key_id_of(data) != key_id:
         raise _invalid("key_id does not match the key the ciphertext was made with")
     for name, value in annotations.items():
         if name != FORMAT_ANNOTATION:
             raise _invalid(f"annotation {name[:64]!r} was not set by KeySealer")
         if value != FORMAT_ANNOTATION_VALUE:
             raise _invalid(f"annotation {FORMAT_ANNOTATION} has an unknown value")
+
+
+def key_id_of(data: bytes) -> str:
+    """The key_id a well-formed ciphertext was made under."""
+    if not data:
+        raise _invalid("ciphertext is empty")
+    try:
+        envelope = ciphertext.parse(data)
+    except KeySealerError as exc:
+        raise _invalid(exc.message) from None
+    return key_id_for_ref(envelope.key_ref)
+
+
+def check_v1_version(version: str) -> None:
+    # The apiserver's KMS v1 client sends "v1beta1"; an empty version is tolerated as proto3's default.
+    if version not in ("", "v1beta1"):
+        raise _invalid(f"unsupported KMS API version {version[:16]!r}")
 
 
 def _check_uid(uid: str) -> None:
