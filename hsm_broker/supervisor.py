@@ -38,6 +38,9 @@ RESTART_MAX_SECONDS = 30.0
 # A worker that served this long is healthy again: its next crash restarts it without delay.
 STABLE_SECONDS = 60.0
 STOP_GRACE_SECONDS = 2.0
+# A worker still holding a call this long after its deadline is hung (a PKCS #11 call that never returns,
+# a frozen process): it is killed and replaced, so it cannot hold capacity forever.
+STUCK_GRACE_SECONDS = 5.0
 # Exit codes after which restarting a worker cannot help and could lock the token.
 FATAL_WORKER_EXITS = frozenset({EXIT_BAD_PIN, EXIT_USAGE})
 STARTING = worker_protocol.WorkerStatus("starting", "starting", "", ())
@@ -61,6 +64,7 @@ class WorkerSlot:
     restart_at: float = 0.0
     status: worker_protocol.WorkerStatus = STARTING
     job: Job | None = None
+    killed: bool = False
 
     @property
     def routing_id(self) -> bytes:
@@ -160,6 +164,7 @@ class Supervisor:
                 self._drain(self._back, self._on_worker_message)
             if self._front in events:
                 self._drain(self._front, self._on_client_message)
+            self._kill_stuck_workers()
             self._reap_workers()
             self._send_control()
             self._dispatch()
@@ -211,8 +216,17 @@ class Supervisor:
                 log.exception("worker crashed")
             finally:
                 os._exit(code)  # never run the supervisor's cleanup in a child
-        slot.pid, slot.started, slot.status, slot.job = pid, time.monotonic(), STARTING, None
+        slot.pid, slot.started, slot.status, slot.job, slot.killed = pid, time.monotonic(), STARTING, None, False
         log.info("started worker %d", pid)
+
+    def _kill_stuck_workers(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.pid and slot.job and not slot.killed and now > slot.job.expires + STUCK_GRACE_SECONDS:
+                log.warning("worker %d held a call %.0fs past its deadline: killing it", slot.pid,
+                            now - slot.job.expires)
+                _signal(slot.pid, signal.SIGKILL)
+                slot.killed = True
 
     def _reap_workers(self, restart: bool = True) -> None:
         while True:

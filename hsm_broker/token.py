@@ -30,6 +30,12 @@ _BAD_DATA_ERRORS = frozenset({
     PyKCS11.CKR_ENCRYPTED_DATA_INVALID, PyKCS11.CKR_ENCRYPTED_DATA_LEN_RANGE, PyKCS11.CKR_WRAPPED_KEY_INVALID,
     PyKCS11.CKR_WRAPPED_KEY_LEN_RANGE, PyKCS11.CKR_SIGNATURE_INVALID,
 })
+# Errors a fresh session (same login) can cure: the old one was closed, invalidated, or left with an
+# unfinished operation (tpm2-pkcs11 leaves a failed operation active on its session).
+SESSION_ERRORS = frozenset({
+    PyKCS11.CKR_SESSION_HANDLE_INVALID, PyKCS11.CKR_SESSION_CLOSED, PyKCS11.CKR_OPERATION_ACTIVE,
+    PyKCS11.CKR_OPERATION_NOT_INITIALIZED,
+})
 # Errors that may mean bad data or a failing token: SoftHSM answers CKR_GENERAL_ERROR to a GCM tag mismatch.
 _AMBIGUOUS_ERRORS = frozenset({PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_FUNCTION_FAILED})
 SELF_TEST_BYTES = 32
@@ -182,7 +188,7 @@ class Token:
             if exc.ckr not in _AMBIGUOUS_ERRORS:
                 raise
             # Tell a bad ciphertext from a failing token: a fresh session must round-trip known data.
-            self._replace_session()
+            self.replace_session()
             probe = os.urandom(SELF_TEST_BYTES)
             sealed, _ = self.wrap(probe, key)
             if self._decrypt(key, ciphertext.parse(sealed)) != probe:
@@ -196,7 +202,7 @@ class Token:
         opened: bytes = self._call(mechanism.open, self._session, key.objects, envelope.header, envelope.body)
         return opened
 
-    def _replace_session(self) -> None:
+    def replace_session(self) -> None:
         """A new session for the one a failed call may have left in a bad state.
 
         The new one opens before the old one closes: login state lasts while any session is open, so no
@@ -221,6 +227,16 @@ class Token:
         # The session may already be gone with the device.
         with contextlib.suppress(PyKCS11.PyKCS11Error):
             self._session.closeSession()
+
+    def shut(self) -> None:
+        """Close the session and finalize the module (C_Finalize), so the next open initializes it afresh.
+
+        Some modules recover only this way: p11-kit's remote client after its server went away, tokens
+        that keep answering CKR_DEVICE_ERROR. Key handles and the login go with it.
+        """
+        self.close()
+        with contextlib.suppress(PyKCS11.PyKCS11Error):
+            self._lib.unload()
 
 
 def open_token(config: TokenConfig, current_label: str, pin: bytearray) -> Token:

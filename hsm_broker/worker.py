@@ -15,7 +15,7 @@ import zmq
 from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.pin import read_pin
-from keysealer.hsm_broker.token import BadPin, Token, TokenKey, TokenUnavailable, open_token
+from keysealer.hsm_broker.token import SESSION_ERRORS, BadPin, Token, TokenKey, TokenUnavailable, open_token
 from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode, KeySealerError
 from keysealer.shared.process import EXIT_BAD_PIN, FatalError
@@ -46,13 +46,19 @@ class Worker:
         self._token: Token | None = None
         self._locked = False
         self._keys_read_at = 0.0
+        # Grows with every failed open or dropped token, shrinks back after a call succeeds: a token
+        # that fails every call is not reopened in a tight loop.
+        self._backoff = RETRY_FIRST_SECONDS
+        self._opened_before = False  # every open after the first waits the backoff
 
     def run(self) -> int:
-        delay = RETRY_FIRST_SECONDS
         failures = 0
         self._report("starting", "opening the token")
         while True:
             if self._token is None:
+                if self._opened_before:
+                    self._wait_backoff()
+                self._opened_before = True
                 try:
                     self._token = self._open()
                 except BadPin as exc:
@@ -63,12 +69,10 @@ class Worker:
                 except TokenUnavailable as exc:
                     failures += 1
                     if failures >= LOGIN_ATTEMPTS_BEFORE_REPORTING:
-                        log.warning("token unavailable: %s; retrying in %.1fs", exc.reason, delay)
+                        log.warning("token unavailable: %s; retrying in %.1fs", exc.reason, self._backoff)
                         self._report("failed", exc.reason)
-                    time.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX_SECONDS)
                     continue
-                delay, failures = RETRY_FIRST_SECONDS, 0
+                failures = 0
                 self._keys_read_at = time.monotonic()
                 self._lock_down_once()
                 self._report_ready()
@@ -127,11 +131,16 @@ class Worker:
         return True
 
     def _drop_token(self, exc: TokenUnavailable) -> None:
-        # Tokens differ in what a failed call leaves behind: never reuse the session.
-        log.warning("token error, dropping the session: %s", exc.reason)
+        """Give up this login: the next open starts from C_Initialize, logs in and finds the keys again
+        (handles do not survive a re-login on every token)."""
+        log.warning("token error, reinitializing the module: %s", exc.reason)
         if self._token is not None:
-            self._token.close()
+            self._token.shut()
         self._token = None
+
+    def _wait_backoff(self) -> None:
+        time.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, RETRY_MAX_SECONDS)
 
     def _serve_one(self) -> None:
         frames = self._socket.recv_multipart()
@@ -151,17 +160,29 @@ class Worker:
         if token is None:
             return ipc_schema.ErrorReply(request.id, ErrorCode.TOKEN_UNAVAILABLE, "token not open")
         try:
-            if isinstance(request, ipc_schema.WrapRequest):
-                sealed, key_id = token.wrap(request.plaintext, self._wrap_key(token, wrap_key_id))
-                return ipc_schema.WrapResult(request.id, sealed, key_id)
-            if isinstance(request, ipc_schema.UnwrapRequest):
-                return ipc_schema.UnwrapResult(request.id, self._unwrap(token, request))
-            return ipc_schema.ErrorReply(request.id, ErrorCode.INVALID_REQUEST, "not a worker operation")
+            try:
+                reply = self._perform(token, request, wrap_key_id)
+            except TokenUnavailable as exc:
+                if exc.ckr not in SESSION_ERRORS:
+                    raise
+                # Wrap and unwrap are idempotent: once more on a fresh session, still logged in.
+                token.replace_session()
+                reply = self._perform(token, request, wrap_key_id)
         except KeySealerError as exc:
             return ipc_schema.ErrorReply(request.id, exc.code, exc.message)
         except TokenUnavailable as exc:
             self._drop_token(exc)
             return ipc_schema.ErrorReply(request.id, ErrorCode.TOKEN_UNAVAILABLE, exc.reason)
+        self._backoff = RETRY_FIRST_SECONDS
+        return reply
+
+    def _perform(self, token: Token, request: ipc_schema.Request, wrap_key_id: str) -> ipc_schema.Reply:
+        if isinstance(request, ipc_schema.WrapRequest):
+            sealed, key_id = token.wrap(request.plaintext, self._wrap_key(token, wrap_key_id))
+            return ipc_schema.WrapResult(request.id, sealed, key_id)
+        if isinstance(request, ipc_schema.UnwrapRequest):
+            return ipc_schema.UnwrapResult(request.id, self._unwrap(token, request))
+        return ipc_schema.ErrorReply(request.id, ErrorCode.INVALID_REQUEST, "not a worker operation")
 
     def _wrap_key(self, token: Token, key_id: str) -> TokenKey:
         key = token.key_by_id(key_id)

@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="call Status on a plugin socket and print it")
     status.add_argument("--socket", type=Path, required=True, help="the frontend's KMS socket")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3, as the apiserver)")
+    status.add_argument("--liveness", action="store_true",
+                        help="exit 0 whenever the plugin answers, healthy or not (for liveness probes)")
 
     keygen = commands.add_parser("ipc-keygen", help="write a CURVE keypair for the frontend/broker IPC link")
     keygen.add_argument("--dir", type=Path, required=True, help="directory for NAME.key and NAME.key_secret")
@@ -67,7 +69,7 @@ def _run() -> int:
     if args.command == "status":
         from keysealer.frontend.status_cli import print_status
 
-        return print_status(args.socket, args.timeout)
+        return print_status(args.socket, args.timeout, args.liveness)
     from keysealer.hsm_broker import keys_cli
 
     if args.keys_command == "create":

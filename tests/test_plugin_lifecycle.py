@@ -281,3 +281,19 @@ def test_a_pin_file_others_can_read_is_refused(plugin: Plugin) -> None:
     assert result.returncode == EXIT_USAGE
     assert result.stderr.strip().splitlines()[-1] == (
         f"keysealer-broker: error: PIN file {plugin.layout.pin}: mode 0644 lets others read it; use 0400 or 0600")
+
+
+def test_liveness_holds_through_a_broker_outage_while_readiness_fails(plugin: Plugin) -> None:
+    def status_exit(*flags: str) -> int:
+        return subprocess.run(["keysealer", "status", "--socket", str(plugin.layout.kms_socket), *flags],
+                              capture_output=True, text=True, timeout=30, check=False).returncode
+
+    assert status_exit() == 0 and status_exit("--liveness") == 0
+    plugin.stop_broker(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while status_exit() == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status_exit("--liveness") == 0  # an HSM outage must not restart the plugin in a loop
+    plugin.stop_frontend()
+    assert status_exit("--liveness") != 0
