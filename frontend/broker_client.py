@@ -24,6 +24,8 @@ from keysealer.shared.ipc_keys import KeyPair
 log = logging.getLogger(__name__)
 
 _NOT_CONNECTED = "broker unreachable"
+REFUSED_RETRY_FIRST_SECONDS = 1.0
+REFUSED_RETRY_MAX_SECONDS = 30.0
 R = TypeVar("R")
 
 
@@ -51,6 +53,8 @@ class BrokerClient:
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = False
         self.refused = False  # the broker rejected our credentials at the last handshake
+        self._refused_backoff = REFUSED_RETRY_FIRST_SECONDS
+        self._retry: asyncio.Task[None] | None = None
         # Counts lost connections: a health probe only vouches for the connection it ran on.
         self.connection_epoch = 0
 
@@ -62,6 +66,8 @@ class BrokerClient:
         self._tasks = [asyncio.create_task(self._read_replies()), asyncio.create_task(self._watch(monitor))]
 
     async def close(self) -> None:
+        if self._retry is not None:
+            self._tasks.append(self._retry)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -119,16 +125,28 @@ class BrokerClient:
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
                 self.refused = False
+                self._refused_backoff = REFUSED_RETRY_FIRST_SECONDS
                 log.info("connected to the broker")
             elif event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 if not self.refused:
                     log.error("the broker refused this frontend's IPC credentials (CURVE key or user)")
                 self.refused = True
+                # libzmq does not reconnect after a refused handshake: try again ourselves, slowly, so
+                # fixing the broker's config is enough.
+                if self._retry is None or self._retry.done():
+                    self._retry = asyncio.create_task(self._reconnect_later())
             elif event["event"] == zmq.EVENT_DISCONNECTED:
+                if self.connected:  # once per lost connection, not once per failed reconnect
+                    log.warning("lost the connection to the broker")
                 self.connected = False
                 self.connection_epoch += 1
-                log.warning("lost the connection to the broker")
                 self._fail_pending("lost the connection to the broker")
+
+    async def _reconnect_later(self) -> None:
+        await asyncio.sleep(self._refused_backoff)
+        self._refused_backoff = min(self._refused_backoff * 2, REFUSED_RETRY_MAX_SECONDS)
+        self._socket.disconnect(self._endpoint)
+        self._socket.connect(self._endpoint)
 
     def _fail_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}

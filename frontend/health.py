@@ -23,6 +23,7 @@ _SOFT_FAILURES = frozenset({ErrorCode.BUSY})
 # A missing key_id is looked up again at most this often, so bad requests cannot flood the broker.
 KEY_REFRESH_MIN_SECONDS = 1.0
 UNHEALTHY_RETRY_SECONDS = 0.5
+HARD_TIMEOUTS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class HealthMonitor:
         self._success_epoch = -1
         self._failure: str | None = "starting: first health probe pending"
         self._failure_is_soft = False
+        self._timeouts_in_a_row = 0
         self._refresh: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -108,20 +110,23 @@ class HealthMonitor:
         except KeySealerError as exc:
             self._record_failure(exc.message, soft=exc.code in _SOFT_FAILURES)
         except TimeoutError:
-            self._record_failure("broker not answering", soft=True)
+            # One slow probe may be a burst of load; two in a row mean the broker is stuck (or frozen).
+            self._timeouts_in_a_row += 1
+            self._record_failure("broker not answering", soft=self._timeouts_in_a_row < HARD_TIMEOUTS)
         else:
             if self._failure is not None:
                 log.info("health probe succeeded: healthy")
             self._failure, self._failure_is_soft = None, False
+            self._timeouts_in_a_row = 0
             self._last_success = time.monotonic()
             self._success_epoch = epoch
 
     async def _refresh_keys(self) -> None:
         health = await self._client.health(self._timeout)
-        self._known_key_ids = frozenset(health.key_ids)
-        self._key_id = health.current_key_id
-        if health.current_key_id:
-            self._keys_refreshed = time.monotonic()  # a key set from ready workers: trustworthy
+        if health.current_key_id:  # a key set from ready workers: trustworthy
+            self._known_key_ids = frozenset(health.key_ids)
+            self._key_id = health.current_key_id
+            self._keys_refreshed = time.monotonic()
         else:
             reason = next((w.reason for w in health.workers if w.reason), "no current key")
             raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, reason)

@@ -4,6 +4,8 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -17,9 +19,10 @@ from keysealer.frontend.service import Forwarder, KmsService, KmsV1Service
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
 from keysealer.shared.sandbox import SandboxError, become_configured_user, lock_down, require_user_if_root
-from keysealer.shared.socket_path import claim_socket_path, group_id, umask
+from keysealer.shared.socket_path import claim_socket_path, group_id, remove_socket, umask
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Far above any legitimate KMS v2 message (32-byte seeds, <= 1 KiB ciphertexts, <= 32 KiB annotations);
 # gRPC refuses larger messages before our code sees them.
@@ -36,7 +39,6 @@ async def serve(config: FrontendConfig) -> int:
     gid = None if config.listen.group is None else group_id(config.listen.group, "listen.group")
     client = BrokerClient(config.broker.socket, load_keypair(config.broker.client_key),
                           load_public_key(config.broker.server_key))
-    await client.start()
     health = HealthMonitor(client, config.health, config.limits.call_timeout_seconds)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -56,7 +58,10 @@ async def serve(config: FrontendConfig) -> int:
         if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, int(config.listen.mode, 8))
-        _confine(config)
+        if _sandbox(become_configured_user, config.user):
+            log.warning("running as root, as configured (user: root)")
+        await client.start()  # connects as the service user: the broker admits that uid only
+        _sandbox(lock_down)  # every socket exists: from here on, no exec and Unix sockets only
         health.start()
         log.info("serving KMS v2 on %s (broker %s)", path, config.broker.socket)
         stop = asyncio.Event()
@@ -69,15 +74,12 @@ async def serve(config: FrontendConfig) -> int:
         await server.stop(grace=config.limits.call_timeout_seconds)
         await health.stop()
         await client.close()
-        path.unlink(missing_ok=True)
+        remove_socket(path)
     return EXIT_OK
 
 
-def _confine(config: FrontendConfig) -> None:
-    """Every socket is bound: become the service user, then no exec and Unix sockets only from here on."""
+def _sandbox(step: Callable[..., T], *args: Any) -> T:
     try:
-        if become_configured_user(config.user):
-            log.warning("running as root, as configured (user: root)")
-        lock_down()
+        return step(*args)
     except SandboxError as exc:
         raise FatalError(f"cannot sandbox the frontend: {exc}", EXIT_USAGE) from None

@@ -27,8 +27,14 @@ from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
-from keysealer.shared.sandbox import SandboxError, become_configured_user, lock_down, require_user_if_root
-from keysealer.shared.socket_path import claim_socket_path, group_id, umask
+from keysealer.shared.sandbox import (
+    STAY_ROOT,
+    SandboxError,
+    become_configured_user,
+    lock_down,
+    require_user_if_root,
+)
+from keysealer.shared.socket_path import claim_socket_path, group_id, remove_socket, umask
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +120,11 @@ class Supervisor:
 
     def _bind(self) -> None:
         socket_path = self.config.ipc.socket
-        _prepare_directory(socket_path.parent, 0o750, self.config.ipc.group)
-        _prepare_directory(self._worker_dir, 0o700, None)
+        # Started by root to become `user`: what we create must belong to that user, or the workers
+        # (running as it) could not reach their socket.
+        owner = _service_account(self.config.user)
+        _prepare_directory(socket_path.parent, 0o750, owner, self.config.ipc.group)
+        _prepare_directory(self._worker_dir, 0o700, owner, None)
         claim_socket_path(socket_path)
         claim_socket_path(self._worker_dir / "backend.sock")
         for sock in (self._front, self._back):
@@ -134,11 +143,11 @@ class Supervisor:
         with umask(0o117):  # socket 0660 from the moment it exists
             self._front.bind(f"ipc://{socket_path}")
         self._bound_paths.append(socket_path)
-        if self.config.ipc.group is not None:
-            os.chown(socket_path, -1, group_id(self.config.ipc.group, "ipc.group"))
+        _set_owner(socket_path, owner, self.config.ipc.group)
         with umask(0o177):
             self._back.bind(self._backend)
         self._bound_paths.append(self._worker_dir / "backend.sock")
+        _set_owner(self._worker_dir / "backend.sock", owner, None)
 
     def _confine(self) -> None:
         """Sockets are bound: become the service user, then lock down before the first worker exists, so
@@ -187,7 +196,7 @@ class Supervisor:
                 os.waitpid(slot.pid, 0)
         self._context.destroy(linger=0)
         for path in self._bound_paths:  # only ours: never a socket another live broker serves
-            path.unlink(missing_ok=True)
+            remove_socket(path)
 
     # -- workers -------------------------------------------------------------------------------------
 
@@ -348,7 +357,7 @@ class Supervisor:
 
     def _health(self, request_id: int) -> ipc_schema.HealthResult:
         ready = [s.status for s in self._slots if s.status.state == "ready"]
-        key_ids = sorted({k for s in ready for k in s.key_ids})
+        key_ids = list(dict.fromkeys(k for s in ready for k in s.key_ids))  # newest first, as workers list them
         workers = tuple(ipc_schema.WorkerHealth(s.status.state, s.status.reason) for s in self._slots)
         return ipc_schema.HealthResult(request_id, self._current_key_id, tuple(key_ids), workers)
 
@@ -382,10 +391,26 @@ def _peer_policy(config: BrokerConfig) -> PeerPolicy:
     return PeerPolicy(client_keys=keys, allowed_uids=frozenset({uid}))
 
 
-def _prepare_directory(path: Path, mode: int, group: str | None) -> None:
+def _service_account(user: str | None) -> pwd.struct_passwd | None:
+    """The account a root-started broker becomes, or None when it stays who it is."""
+    if os.geteuid() != 0 or user in (None, STAY_ROOT):
+        return None
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise FatalError(f"user: no user named {user!r}", EXIT_USAGE) from None
+
+
+def _set_owner(path: Path, owner: pwd.struct_passwd | None, group: str | None) -> None:
+    uid = owner.pw_uid if owner else -1
+    gid = group_id(group, "ipc.group") if group is not None else (owner.pw_gid if owner else -1)
+    if (uid, gid) != (-1, -1):
+        os.chown(path, uid, gid)
+
+
+def _prepare_directory(path: Path, mode: int, owner: pwd.struct_passwd | None, group: str | None) -> None:
     path.mkdir(mode=mode, parents=True, exist_ok=True)
-    if group is not None:
-        os.chown(path, -1, group_id(group, "ipc.group"))
+    _set_owner(path, owner, group)
     os.chmod(path, mode)
 
 

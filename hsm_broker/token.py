@@ -17,6 +17,7 @@ from keysealer.hsm_broker.key_naming import KeyIdentity, KeyVersion, current_ver
 from keysealer.hsm_broker.mechanisms import MECHANISMS, KeyObjects
 from keysealer.shared import ciphertext
 from keysealer.shared.errors import ErrorCode, KeySealerError
+from keysealer.shared.key_ids import key_id_for_ref, key_ref_for
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +125,35 @@ def find_keys(session: Any) -> list[TokenKey]:
             object_id = bytes(object_id or b"")
             if not is_keysealer_object_id(object_id):
                 continue
-            if (object_class, key_type) in _MAIN_OBJECTS:
+            role = (object_class, key_type)
+            if role in _HELPER_OBJECTS and object_class == PyKCS11.CKO_PUBLIC_KEY:
+                helpers[object_id] = handle  # public: nothing to keep secret
+            elif role in _MAIN_OBJECTS | _HELPER_OBJECTS and not _born_in_token(session, handle, object_id):
+                continue
+            elif role in _MAIN_OBJECTS:
                 # Retired keys have every unsealing use switched off; the token itself then refuses them.
                 decrypt, unwrap = session.getAttributeValue(handle, [PyKCS11.CKA_DECRYPT, PyKCS11.CKA_UNWRAP])
                 mains[object_id] = (handle, str(label or ""), not (decrypt or unwrap))
-            elif (object_class, key_type) in _HELPER_OBJECTS:
+            elif role in _HELPER_OBJECTS:
                 helpers[object_id] = handle
     return [TokenKey(KeyIdentity(object_id, label), retired, KeyObjects(handle, helpers.get(object_id)))
             for object_id, (handle, label, retired) in mains.items()]
+
+
+def _born_in_token(session: Any, handle: Any, object_id: bytes) -> bool:
+    """Whether a secret or private key was generated in the token and never left it.
+
+    Someone holding the PIN could import a key whose value they know, with our CKA_ID shape and the current
+    label; made current, it would let them unwrap every later seed offline. The token sets ALWAYS_SENSITIVE
+    and NEVER_EXTRACTABLE only for keys it generated that way, so imported keys are ignored.
+    """
+    always_sensitive, never_extractable = session.getAttributeValue(
+        handle, [PyKCS11.CKA_ALWAYS_SENSITIVE, PyKCS11.CKA_NEVER_EXTRACTABLE])
+    if always_sensitive and never_extractable:
+        return True
+    log.warning("ignoring token object %s: it was not generated in the token as a non-extractable key",
+                key_id_for_ref(key_ref_for(object_id)))
+    return False
 
 
 class Token:
@@ -161,7 +183,10 @@ class Token:
 
     @property
     def key_ids(self) -> list[str]:
-        return sorted(k.identity.key_id for k in self._by_ref.values())
+        """Usable keys, newest first (what a bounded health report keeps)."""
+        newest_first = sorted(self._by_ref.values(), key=lambda k: (k.identity.created, k.identity.token_object_id),
+                              reverse=True)
+        return [k.identity.key_id for k in newest_first]
 
     def key_by_id(self, key_id: str) -> TokenKey | None:
         return next((k for k in self._by_ref.values() if k.identity.key_id == key_id), None)

@@ -85,7 +85,8 @@ def _convert(hint: Any, value: Any, where: str, label: str) -> Any:
         # NaN compares false with every bound, so it would pass min/max checks unnoticed.
         raise ConfigError(f"{where}{label}: must be a finite number")
     if type(value) is not hint:
-        hint_text = " (quote it: YAML reads 0660 as a number)" if hint is str and type(value) is int else ""
+        octal = hint is str and type(value) is int and label.endswith("mode")
+        hint_text = " (quote it: YAML reads 0660 as a number)" if octal else ""
         raise ConfigError(f"{where}{label}: must be {_type_name(hint)}, not {_type_name(type(value))}{hint_text}")
     return value
 

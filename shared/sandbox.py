@@ -236,12 +236,16 @@ def _build_filter(allow_inet: bool) -> Any:
 
     # fork() and threads stay; clone() that creates namespaces does not.  The
     # flags are clone's first argument except on s390.  clone3 passes them in
-    # memory the filter cannot read, and stays allowed.
+    # memory the filter cannot read: it answers ENOSYS, so glibc falls back to
+    # clone(), whose flags the rules above do see.
     if sc.system_arch() not in (sc.Arch.S390, sc.Arch.S390X):
         clone_nr = _syscall_nr("clone")
         if clone_nr is not None:
             for flag in _CLONE_NAMESPACE_FLAGS:
                 flt.add_rule(deny, clone_nr, sc.Arg(0, sc.MASKED_EQ, flag, flag))
+        clone3_nr = _syscall_nr("clone3")
+        if clone3_nr is not None:
+            flt.add_rule(sc.ERRNO(errno.ENOSYS), clone3_nr)
     return flt
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import grp
+import logging
 import os
 import socket
 import stat
@@ -9,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from keysealer.shared.process import UsageError
+
+log = logging.getLogger(__name__)
 
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -38,6 +41,15 @@ def claim_socket_path(path: Path) -> None:
     finally:
         probe.close()
     raise UsageError(f"{path} is served by another live process; refusing to take it over")
+
+
+def remove_socket(path: Path) -> None:
+    """Remove our socket at exit; a process that dropped privileges may lack the right, and a stale socket
+    is taken over at the next start anyway."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove %s: %s; the next start takes it over", path, exc.strerror)
 
 
 def group_id(group: str, field: str) -> int:

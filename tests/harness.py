@@ -2,15 +2,17 @@
 and the frontend as separate processes, and a gRPC client generated from proto/ on the real Unix socket."""
 
 import base64
+import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import yaml
@@ -20,6 +22,7 @@ from keysealer.shared.dev import DevLayout, prepare
 from keysealer.shared.ipc_keys import SECRET_SUFFIX, load_keypair
 
 READY_SECONDS = 30.0
+T = TypeVar("T")
 
 
 def short_tmp_dir() -> Path:
@@ -178,3 +181,65 @@ def running_plugin(root: Path | None = None, **config: Any) -> Iterator[Plugin]:
 
 
 
+
+
+class Load:
+    """Callers doing Encrypt then Decrypt in a loop, recording every outcome, for fault tests.
+
+    check() asserts the invariant every fault test owes: every Encrypt that returned OK still decrypts to
+    its plaintext, no call outlived its deadline, and every failure has an expected code.
+    """
+
+    def __init__(self, plugin: Plugin, callers: int = 8, timeout: float = 10.0) -> None:
+        self._plugin = plugin
+        self._timeout = timeout
+        self._stop = threading.Event()
+        self.ledger: list[tuple[bytes, api_pb2.EncryptResponse]] = []
+        self.outcomes: list[tuple[str, float]] = []  # (gRPC code name, seconds)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(callers)]
+        for thread in self._threads:
+            thread.start()
+
+    def _timed(self, call: Callable[..., T], *args: Any) -> T | None:
+        started = time.monotonic()
+        try:
+            result = call(*args, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            self.outcomes.append((exc.code().name, time.monotonic() - started))
+            return None
+        self.outcomes.append(("OK", time.monotonic() - started))
+        return result
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            seed = os.urandom(32)
+            encrypted = self._timed(self._plugin.encrypt, seed)
+            if encrypted is not None:
+                self.ledger.append((seed, encrypted))
+                self._timed(self._plugin.decrypt, encrypted)
+            else:
+                time.sleep(0.01)  # a failing plugin fails fast: do not spin
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def failures(self) -> list[str]:
+        return [code for code, _ in self.outcomes if code != "OK"]
+
+    def check(self, deadline: float, allowed: frozenset[str] = frozenset({"UNAVAILABLE"})) -> None:
+        self.stop()
+        assert self.outcomes, "the load made no call"
+        assert set(self.failures()) <= allowed, set(self.failures())
+        slowest = max(seconds for _, seconds in self.outcomes)
+        assert slowest <= deadline, f"a call took {slowest:.2f}s, past the {deadline}s deadline"
+        for seed, encrypted in self.ledger:
+            assert self._plugin.decrypt(encrypted) == seed
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")

@@ -1,0 +1,146 @@
+"""Token faults, injected on cue by a PKCS #11 wrapper in front of the real SoftHSM (tests/pkcs11_faults),
+under load: the broker recovers by itself and the invariant holds throughout."""
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import Load, Plugin, child_pids, rss_kib
+from pkcs11_faults import FaultControl, install
+
+from keysealer.shared.process import EXIT_BAD_PIN
+
+# The frontend's call deadline (2.5 s) plus scheduling slack on a loaded 2-core machine.
+DEADLINE = 3.5
+RECOVERY_SECONDS = 20.0
+
+
+@pytest.fixture
+def faulty(state_dir: Path) -> Iterator[tuple[Plugin, FaultControl]]:
+    plugin = Plugin(state_dir)
+    faults = install(plugin, state_dir / "faults")
+    plugin.start()
+    try:
+        yield plugin, faults
+    finally:
+        plugin.stop()
+
+
+def _under_load(plugin: Plugin, faults: FaultControl, function: str, rv: str, **cue: object) -> tuple[Load, int]:
+    """Load, then the fault for 1.5 s; returns the load and how often the fault fired."""
+    load = Load(plugin)
+    time.sleep(0.5)
+    faults.set(function, rv, **cue)
+    time.sleep(1.5)
+    fired = faults.fired(function)
+    faults.clear()
+    time.sleep(0.5)
+    return load, fired
+
+
+@pytest.mark.parametrize(("function", "rv"), [
+    ("C_Decrypt", "CKR_SESSION_HANDLE_INVALID"),
+    ("C_Encrypt", "CKR_SESSION_CLOSED"),
+    ("C_EncryptInit", "CKR_OPERATION_ACTIVE"),
+])
+def test_session_faults_cost_no_call(faulty: tuple[Plugin, FaultControl], function: str, rv: str) -> None:
+    plugin, faults = faulty
+    # One session goes bad (the wrapper fails one call; the fresh session the broker opens works).
+    load, fired = _under_load(plugin, faults, function, rv, count=1)
+    assert fired == 1
+    load.check(DEADLINE, allowed=frozenset())  # retried once on a fresh session: nobody sees the fault
+
+
+def test_a_session_left_with_an_active_operation_is_replaced(faulty: tuple[Plugin, FaultControl]) -> None:
+    from keysealer.frontend.kmsv2 import api_pb2
+
+    plugin, faults = faulty
+    # As tpm2-pkcs11 does: a failed decrypt leaves the operation active on its session.
+    faults.set("C_Decrypt", sticky_operation=True, always=True)
+    encrypted = plugin.encrypt(b"s" * 32)
+    tampered = encrypted.ciphertext[:-1] + bytes([encrypted.ciphertext[-1] ^ 1])
+    for _ in range(4):  # reach both workers
+        with pytest.raises(grpc.RpcError) as failure:
+            plugin.stub.Decrypt(api_pb2.DecryptRequest(ciphertext=tampered, key_id=encrypted.key_id), timeout=3)
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    load = Load(plugin)
+    time.sleep(1.5)
+    load.check(DEADLINE, allowed=frozenset())
+
+
+def test_lost_login_costs_at_most_one_call_per_worker(faulty: tuple[Plugin, FaultControl]) -> None:
+    plugin, faults = faulty
+    load, fired = _under_load(plugin, faults, "C_Encrypt", "CKR_USER_NOT_LOGGED_IN", count=1)
+    assert fired == 1 and len(load.failures()) <= 1
+    plugin.wait_healthy(RECOVERY_SECONDS)
+    load.check(DEADLINE)
+
+
+def test_device_gone_then_back_unhealthy_meanwhile_then_recovered(faulty: tuple[Plugin, FaultControl]) -> None:
+    plugin, faults = faulty
+    assert plugin.frontend is not None
+    memory_before = rss_kib(plugin.frontend.pid)
+    load = Load(plugin)
+    faults.set("*", "CKR_DEVICE_REMOVED", always=True)
+    deadline = time.monotonic() + RECOVERY_SECONDS
+    while plugin.status().healthz == "ok":
+        assert time.monotonic() < deadline, "Status stayed ok with the token gone"
+        time.sleep(0.2)
+    reason = plugin.status().healthz
+    assert "CKR_DEVICE_REMOVED" in reason or "token" in reason
+    time.sleep(1)
+    faults.clear()
+    plugin.wait_healthy(RECOVERY_SECONDS)
+    time.sleep(0.5)
+    load.check(DEADLINE)
+    assert "OK" in {code for code, _ in load.outcomes[-20:]}  # served again after the fault
+    assert rss_kib(plugin.frontend.pid) < memory_before + 20 * 1024
+
+
+def test_a_module_that_needs_reinitializing_is_reinitialized(faulty: tuple[Plugin, FaultControl]) -> None:
+    plugin, faults = faulty
+    # p11-kit's remote client after its server went away: CKR_DEVICE_ERROR until C_Finalize + C_Initialize.
+    load = Load(plugin)
+    faults.set("C_Decrypt", "CKR_DEVICE_ERROR", count=1, reinit_required=True)
+    time.sleep(2)
+    faults.clear()
+    plugin.wait_healthy(RECOVERY_SECONDS)
+    time.sleep(0.5)
+    load.check(DEADLINE)
+    assert "OK" in {code for code, _ in load.outcomes[-20:]}
+
+
+def test_a_killed_worker_under_load_loses_no_call(faulty: tuple[Plugin, FaultControl]) -> None:
+    plugin, _ = faulty
+    assert plugin.broker is not None
+    load = Load(plugin)
+    time.sleep(0.5)
+    victim = child_pids(plugin.broker.pid)[0]
+    plugin_pid = plugin.broker.pid
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(1.5)
+    # Its call in flight was run again on the other worker: wrap and unwrap are idempotent.
+    load.check(DEADLINE, allowed=frozenset({"UNAVAILABLE"}))
+    assert len(load.failures()) <= 1
+    deadline = time.monotonic() + RECOVERY_SECONDS
+    while len(child_pids(plugin_pid)) < 2 or victim in child_pids(plugin_pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_pin_refused_on_relogin_stops_the_broker_after_one_attempt(faulty: tuple[Plugin, FaultControl]) -> None:
+    plugin, faults = faulty
+    assert plugin.broker is not None
+    logins_before = faults.fired("C_Login")
+    faults.set("C_Login", "CKR_PIN_INCORRECT", always=True)
+    faults.set("C_Encrypt", "CKR_USER_NOT_LOGGED_IN", count=1)  # forces a re-login
+    with contextlib.suppress(grpc.RpcError):  # the call that hits the lost login
+        plugin.encrypt(b"p" * 32)
+    assert plugin.broker.wait(timeout=RECOVERY_SECONDS) == EXIT_BAD_PIN
+    assert faults.fired("C_Login") - logins_before == 1  # exactly one refused login: the token cannot lock
+    assert "CKR_PIN_INCORRECT" in plugin.log("broker.log")
