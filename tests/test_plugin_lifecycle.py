@@ -1,5 +1,6 @@
 """Starting, stopping, restarting and faulting the real plugin processes."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import Plugin, child_pids, running_plugin
+from harness import Load, Plugin, child_pids, running_plugin
 
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_USAGE
 
@@ -99,33 +100,26 @@ def test_calls_in_flight_when_the_broker_dies_fail_fast_and_none_hang(plugin: Pl
 
 
 def test_frozen_broker_fails_calls_within_deadline_and_in_flight_bound_refuses_excess(state_dir: Path) -> None:
-    with running_plugin(state_dir, frontend={"limits": {"max_in_flight": 2, "call_timeout_seconds": 1.0},
-                                             "health": {"max_age_seconds": 1.0}}) as plugin:
-        encrypted = plugin.encrypt(os.urandom(32))
+    with running_plugin(state_dir, frontend={"limits": {"max_in_flight": 4, "call_timeout_seconds": 1.0},
+                                             "health": {"probe_interval_seconds": 0.5}}) as plugin:
         assert plugin.broker is not None
+        load = Load(plugin, callers=12)
+        time.sleep(0.5)
         os.kill(plugin.broker.pid, signal.SIGSTOP)
         try:
-            with ThreadPoolExecutor(max_workers=3) as pool:
-                slow = [pool.submit(plugin.decrypt, encrypted) for _ in range(2)]
-                time.sleep(0.3)
-                started = time.monotonic()
-                with pytest.raises(grpc.RpcError) as refused:
-                    plugin.decrypt(encrypted)
-                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert time.monotonic() - started < 0.5
-                for future in slow:
-                    with pytest.raises(grpc.RpcError) as late:
-                        future.result(timeout=1.0 + DEADLINE_SLACK + 0.3)
-                    assert late.value.code() == grpc.StatusCode.UNAVAILABLE
-            deadline = time.monotonic() + 6
-            while plugin.status().healthz == "ok" and time.monotonic() < deadline:
-                time.sleep(0.2)
+            deadline = time.monotonic() + 10
+            while plugin.status().healthz == "ok":  # Status keeps answering, and says why
+                assert time.monotonic() < deadline, "Status stayed ok with the broker frozen"
+                time.sleep(0.1)
             assert plugin.status().healthz == "broker not answering"
         finally:
             os.kill(plugin.broker.pid, signal.SIGCONT)
         plugin.wait_healthy()
-        seed = os.urandom(32)
-        assert plugin.decrypt(plugin.encrypt(seed)) == seed
+        time.sleep(0.5)
+        # Late replies to calls that timed out are discarded: every answer after the thaw is right.
+        load.check(1.0 + DEADLINE_SLACK + 0.5, allowed=frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"}))
+        assert {"UNAVAILABLE", "RESOURCE_EXHAUSTED"} <= set(load.failures())
+        assert "OK" in {code for code, _ in load.outcomes[-10:]}
 
 
 def test_frontend_started_before_the_broker_becomes_healthy_by_itself(state_dir: Path) -> None:
@@ -297,3 +291,33 @@ def test_liveness_holds_through_a_broker_outage_while_readiness_fails(plugin: Pl
     assert status_exit("--liveness") == 0  # an HSM outage must not restart the plugin in a loop
     plugin.stop_frontend()
     assert status_exit("--liveness") != 0
+
+
+def test_the_pin_is_never_in_any_process_arguments_or_environment(plugin: Plugin) -> None:
+    assert plugin.broker is not None and plugin.frontend is not None
+    pin = plugin.layout.pin.read_bytes().strip()
+    for pid in (plugin.frontend.pid, plugin.broker.pid, *child_pids(plugin.broker.pid)):
+        for name in ("cmdline", "environ"):
+            assert pin not in Path(f"/proc/{pid}/{name}").read_bytes(), (pid, name)
+
+
+def test_a_broker_started_before_its_token_exists_becomes_healthy_by_itself(state_dir: Path) -> None:
+    plugin = Plugin(state_dir)
+    plugin.configure(broker={"token": {"token_label": "arrives-later"}})
+    plugin.start_broker()
+    plugin.start_frontend()
+    try:
+        deadline, healthz = time.monotonic() + 20, ""
+        while "arrives-later" not in healthz:  # Status says why
+            assert time.monotonic() < deadline, healthz
+            time.sleep(0.2)
+            with contextlib.suppress(grpc.RpcError):  # the frontend's socket may not exist yet
+                healthz = plugin.status().healthz
+        for args in (["init-token", "--so-pin-file", str(plugin.layout.so_pin)], ["create"]):
+            subprocess.run(["keysealer", "keys", *args, "--config", str(plugin.layout.broker_config)],
+                           check=True, capture_output=True, timeout=60)
+        plugin.wait_healthy(40)  # no restart: the worker's retries find the token
+        seed = os.urandom(32)
+        assert plugin.decrypt(plugin.encrypt(seed)) == seed
+    finally:
+        plugin.stop()
