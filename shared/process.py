@@ -1,8 +1,10 @@
 """What every KeySealer entry point shares: exit codes and the one-line error contract."""
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from keysealer.shared.config_loader import ConfigError
@@ -46,6 +48,20 @@ def run_main(program: str, body: Callable[[], int]) -> NoReturn:
         code = 130
     logging.shutdown()
     sys.exit(code)
+
+
+def run_service(program: str, description: str | None, serve: Callable[[Path], int]) -> NoReturn:
+    """The entry point of a long-running process: `PROGRAM --config FILE [--verbose]`."""
+
+    def body() -> int:
+        parser = argparse.ArgumentParser(prog=program, description=description)
+        parser.add_argument("--config", required=True, type=Path, help="YAML config file")
+        parser.add_argument("--verbose", action="store_true", help="debug logging")
+        args = parser.parse_args()
+        setup_logging(program, args.verbose)
+        return serve(args.config)
+
+    run_main(program, body)
 
 
 def setup_logging(program: str, verbose: bool = False) -> None:
