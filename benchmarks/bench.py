@@ -63,6 +63,7 @@ STATUS_POLL_SECONDS = 0.01
 BENCH_KEY_ID = b"keysealer-bench-ceiling"  # not a KeySealer CKA_ID (no "KS1" prefix): the plugin ignores it
 MACHINE_BUSY, MACHINE_STEAL = "_machine_busy", "_machine_steal"
 QUIET_PERCENT = 15.0  # "others" below this share of one core counts as a quiet machine
+NOISY_PERCENT = 25.0  # others + steal above this share of one core: the row is marked as disturbed
 
 # Targets from the project's performance issue.
 TARGET_ECHO_RATIO = 0.70
@@ -76,26 +77,29 @@ TARGET_FRONTEND_RSS_MIB = 80.0
 TARGET_WORKER_RSS_MIB = 60.0
 
 # Started as `python -c BROKER_SHIM <latency ms> --config broker.yaml`: the unmodified broker, with a sleep
-# put in front of every token call of its workers (a slower token: network HSM, TPM). The hook wraps
-# Token._call when a worker imports the token module (after the fork), so the supervisor still never loads
-# PyKCS11. No product file is changed.
+# put in front of every PKCS #11 operation call of its workers (a slower token: network HSM, TPM). The hook
+# wraps PyKCS11.Session's operations when a worker imports PyKCS11 (after the fork: the supervisor never
+# loads it). No product file is changed, and nothing of the product's internals is relied on.
 BROKER_SHIM = """
 import importlib.abc, importlib.util, sys, time
 DELAY = float(sys.argv[1]) / 1000.0
+OPERATIONS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey")
+def slowed(operation):
+    def call(*args, **kwargs):
+        time.sleep(DELAY)
+        return operation(*args, **kwargs)
+    return call
 class _Hook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "keysealer.hsm_broker.token":
+        if name != "PyKCS11":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
         run = spec.loader.exec_module
         def exec_module(module):
             run(module)
-            call = module.Token._call
-            def slow_call(self, *args):
-                time.sleep(DELAY)
-                return call(self, *args)
-            module.Token._call = slow_call
+            for op in OPERATIONS:
+                setattr(module.Session, op, slowed(getattr(module.Session, op)))
         spec.loader.exec_module = exec_module
         return spec
 sys.meta_path.insert(0, _Hook())
@@ -258,12 +262,12 @@ def cpu_share(before: dict[str, float], after: dict[str, float], elapsed: float)
     return dict(share)
 
 
-async def wait_quiet(max_seconds: float) -> float:
-    """Wait (up to max_seconds) for a second in which other processes use < QUIET_PERCENT of a core."""
+async def wait_quiet(max_seconds: float, window: float = 1.0) -> float:
+    """Wait (up to max_seconds) for a window in which other processes use < QUIET_PERCENT of a core."""
     deadline = time.monotonic() + max_seconds
     while True:
         before, t0 = Processes(None, None).cpu(), time.perf_counter()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(window)
         others = cpu_share(before, Processes(None, None).cpu(), time.perf_counter() - t0)["others"]
         if others < QUIET_PERCENT or time.monotonic() >= deadline:
             return others
@@ -319,7 +323,11 @@ class OwnPlugin:
         self.broker = spawn(broker_argv, self.layout.root / "broker.log")
         self.frontend = spawn([sys.executable, "-m", "keysealer.frontend.main", "--config",
                                str(self.layout.frontend_config)], self.layout.root / "frontend.log")
-        await wait_ready(self.socket, [self.broker, self.frontend], workers=workers, broker=self.broker.pid)
+        try:
+            await wait_ready(self.socket, [self.broker, self.frontend], workers=workers, broker=self.broker.pid)
+        except BaseException:
+            self.stop()  # never leave a half-started plugin running
+            raise
         self.ready_seconds = time.perf_counter() - began
         return Processes(self.frontend.pid, self.broker.pid)
 
@@ -394,6 +402,11 @@ class Result:
     @property
     def rate(self) -> float:
         return self.calls / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def noisy(self) -> bool:
+        """Other processes or the hypervisor took a sizeable share of the machine during the row."""
+        return self.cpu.get("others", 0.0) + self.cpu.get("steal", 0.0) >= NOISY_PERCENT
 
     def pct(self, q: float) -> float:
         return percentile(self.latencies_ms, q)
@@ -496,6 +509,7 @@ class Load:
     workers: str
     seconds: float
     calls: int | None
+    settle: float = 0.0  # wait up to this long for other processes to go quiet before the row
 
 
 def per_call(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], calls: int
@@ -507,6 +521,8 @@ def per_call(before: dict[str, tuple[float, float]], after: dict[str, tuple[floa
 
 
 async def measure(load: Load, scenario: str, call: Call, concurrency: int, *, note: str = "") -> Result:
+    if load.settle > 0:
+        await wait_quiet(load.settle, 0.5)
     # A short warm-up at the same concurrency, outside the figures (connections, caches, pool spin-up).
     await drive(call, concurrency, min(0.3, load.seconds / 5), None)
     cpu_before, threads_before = load.procs.cpu(), load.procs.threads()
@@ -700,39 +716,65 @@ class Pkcs11Ceiling:
     library: str
 
 
+def key_template(object_id: bytes, label: str) -> list[tuple[int, Any]]:
+    """The attributes of the product's AES key (hsm_broker/keys_cli.py key_template when this tool was
+    written): AES-256, a token object, private, sensitive, never extractable, encrypt and decrypt only."""
+    import PyKCS11
+
+    return [
+        (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
+        (PyKCS11.CKA_VALUE_LEN, 32), (PyKCS11.CKA_TOKEN, True), (PyKCS11.CKA_PRIVATE, True),
+        (PyKCS11.CKA_SENSITIVE, True), (PyKCS11.CKA_EXTRACTABLE, False), (PyKCS11.CKA_ENCRYPT, True),
+        (PyKCS11.CKA_DECRYPT, True), (PyKCS11.CKA_WRAP, False), (PyKCS11.CKA_UNWRAP, False),
+        (PyKCS11.CKA_SIGN, False), (PyKCS11.CKA_VERIFY, False), (PyKCS11.CKA_DERIVE, False),
+        (PyKCS11.CKA_LABEL, label), (PyKCS11.CKA_ID, object_id),
+    ]
+
+
+def open_token_session(broker_config: Path) -> tuple[Any, Any, str]:
+    """(PyKCS11 lib, logged-in R/W session, library name) for the token of a broker.yaml, read directly."""
+    import PyKCS11
+
+    token = yaml.safe_load(broker_config.read_text())["token"]
+    os.environ.update({str(k): str(v) for k, v in (token.get("module_env") or {}).items()})
+    lib = PyKCS11.PyKCS11Lib()
+    lib.load(str(token["module"]))
+    slots = lib.getSlotList(tokenPresent=True)
+    if token.get("slot") is not None:
+        slot = int(token["slot"])
+    else:
+        labels = {lib.getTokenInfo(s).label.rstrip(" \x00"): s for s in slots}
+        if token["token_label"] not in labels:
+            raise RuntimeError(f"no token labelled {token['token_label']!r}")
+        slot = labels[token["token_label"]]
+    pin = Path(token["pin_file"]).read_text().strip()
+    session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
+    session.login(pin)
+    info = lib.getInfo()
+    name = f"{info.libraryDescription.strip()} {info.libraryVersion[0]}.{info.libraryVersion[1]}"
+    return lib, session, name
+
+
 def pkcs11_ceiling(broker_config: Path, seconds: float) -> Pkcs11Ceiling:
     """AES-256-GCM encrypt, then decrypt, of 32 bytes on one session in this process: no IPC at all."""
     import PyKCS11
 
-    from keysealer.hsm_broker.config import load_broker_config
-    from keysealer.hsm_broker.key_naming import KeyIdentity
-    from keysealer.hsm_broker.keys_cli import key_template
-    from keysealer.hsm_broker.pin import read_pin
-    from keysealer.hsm_broker.token import GCM_TAG_BITS, find_slot, load_module, open_user_session
-
-    config = load_broker_config(broker_config)
-    lib = load_module(config.token)
-    info = lib.getInfo()
-    library = f"{info.libraryDescription.strip()} {info.libraryVersion[0]}.{info.libraryVersion[1]}"
-    session = open_user_session(lib, find_slot(lib, config.token), read_pin(config.token.pin_file), rw=True)
-    # The product's template (a sensitive, non-extractable token key), under an id the plugin does not use.
-    template = [(k, BENCH_KEY_ID if k == PyKCS11.CKA_ID else v)
-                for k, v in key_template(KeyIdentity(BENCH_KEY_ID, "keysealer-bench"))]
-    key = session.generateKey(template, PyKCS11.MechanismAESGENERATEKEY)
-    header = bytes((1, 1)) + bytes(16)  # the ciphertext header is the GCM associated data, as in the product
+    _lib, session, library = open_token_session(broker_config)
+    key = session.generateKey(key_template(BENCH_KEY_ID, "keysealer-bench"), PyKCS11.MechanismAESGENERATEKEY)
+    header = bytes((1, 1)) + bytes(16)  # an 18-byte ciphertext header as GCM associated data, as in the product
 
     def encrypt_for(budget: float) -> list[tuple[bytes, bytes, bytes]]:
         out = []
         end = time.perf_counter() + budget
         while time.perf_counter() < end:
             seed, iv = os.urandom(SEED_BYTES), os.urandom(12)
-            mechanism = PyKCS11.AES_GCM_Mechanism(iv, header, GCM_TAG_BITS)
+            mechanism = PyKCS11.AES_GCM_Mechanism(iv, header, 128)
             out.append((seed, iv, bytes(session.encrypt(key, seed, mechanism))))
         return out
 
     def decrypt_all(sealed: list[tuple[bytes, bytes, bytes]]) -> None:
         for seed, iv, data in sealed:
-            mechanism = PyKCS11.AES_GCM_Mechanism(iv, header, GCM_TAG_BITS)
+            mechanism = PyKCS11.AES_GCM_Mechanism(iv, header, 128)
             if bytes(session.decrypt(key, data, mechanism)) != seed:
                 raise SystemExit("bench: the PKCS #11 ceiling decrypted a wrong plaintext")
 
@@ -788,10 +830,31 @@ def unwrap_call(client: Any, pool: Sequence[Sealed]) -> Call:
 # Profiling (optional)
 
 
-def py_spy_summary(raw: Path, top: int = 15) -> list[str]:
-    """Self and inclusive shares of samples, from py-spy's collapsed ('raw') output."""
+# Where a sample's innermost Python frame is, by file: py-spy shows no Cython frames, so C code run from a
+# loop callback (grpc.aio's Cython, mostly) is charged to Handle._run, and grpc.aio's poller thread to Thread.run.
+AREAS = (
+    ("asyncio/events.py", "C code run by asyncio callbacks (grpc.aio Cython, protobuf)"),
+    ("threading.py", "grpc.aio completion-queue poller thread (Cython)"),
+    ("selectors.py", "asyncio's epoll wait"),
+    ("asyncio/", "asyncio machinery"),
+    ("zmq/sugar/poll.py", "zmq_poll (supervisor and worker loops)"),
+    ("zmq/", "pyzmq (send, recv, asyncio glue)"),
+    ("PyKCS11/", "PyKCS11 and the token (SoftHSM)"),
+    ("msgpack/", "msgpack"),
+    ("frontend/", "KeySealer frontend code"),
+    ("hsm_broker/", "KeySealer broker code"),
+    ("shared/", "KeySealer shared code (IPC schema, ciphertext)"),
+)
+
+
+def py_spy_summary(raw: Path, processes: int | None = None, top: int = 12) -> list[str]:
+    """Shares of samples by area, by innermost frame and by inclusive frame, from py-spy's 'raw' output.
+
+    With --subprocesses each stack starts with one 'process ...' frame per level: processes=1 keeps the
+    supervisor's samples, processes=2 its workers'."""
     self_counts: Counter[str] = Counter()
     incl_counts: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -799,16 +862,27 @@ def py_spy_summary(raw: Path, top: int = 15) -> list[str]:
             continue
         count = int(count_text)
         frames = stack.split(";")
+        if processes is not None and sum(f.startswith("process ") for f in frames) != processes:
+            continue
+        frames = [f for f in frames if not f.startswith("process ")]
+        if not frames:
+            continue
         total += count
         self_counts[frames[-1]] += count
+        areas[next((label for key, label in AREAS if key in frames[-1]), "other")] += count
         for frame in set(frames):
             incl_counts[frame] += count
     if not total:
         return ["  (no samples)"]
-    lines = [f"  {total} samples; top self:"]
+    lines = [f"  {total} samples; by area of the innermost frame:"]
+    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in areas.most_common()]
+    lines.append("  top innermost frames:")
     lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in self_counts.most_common(top)]
-    lines.append("  top inclusive:")
-    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in incl_counts.most_common(top)]
+    lines.append("  top inclusive frames (KeySealer's):")
+    # Frames on (nearly) every stack are the process's entry and loop: not informative.
+    ours = [(name, c) for name, c in incl_counts.most_common()
+            if any(part in name for part in ("frontend/", "hsm_broker/", "shared/")) and c < 0.9 * total]
+    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in ours[:top]]
     return lines
 
 
@@ -829,10 +903,11 @@ async def profile_decrypt(load: Load, call: Call, out: Path, seconds: float, con
     result = await measure(profiled, "Decrypt (py-spy on)", call, concurrency)
     for spy in spies:
         await asyncio.to_thread(spy.wait, 60)
-    for name, _, _ in targets:
+    for name, label, processes in (("frontend", "frontend", None), ("broker", "supervisor", 1),
+                                   ("broker", "workers", 2)):
         raw = out / f"{name}.txt"
-        print(f"\npy-spy {name} ({raw}):")
-        print("\n".join(py_spy_summary(raw) if raw.exists() else ["  (py-spy wrote nothing; see its log)"]))
+        print(f"\npy-spy, {label} ({raw}):")
+        print("\n".join(py_spy_summary(raw, processes) if raw.exists() else ["  (py-spy wrote nothing)"]))
     return result
 
 
@@ -855,7 +930,7 @@ def print_row(r: Result) -> None:
     cpu = " ".join(f"{short.get(role, role)}={share:.0f}" for role, share in r.cpu.items())
     print(ROW.format(r.scenario, r.concurrency, r.workers, r.calls, f"{r.rate:,.0f}", f"{r.pct(50):.2f}",
                      f"{r.pct(95):.2f}", f"{r.pct(99):.2f}", f"{max(r.latencies_ms, default=0):.2f}",
-                     errors, cpu), flush=True)
+                     errors, cpu + ("  <- disturbed by other load" if r.noisy else "")), flush=True)
 
 
 def print_breakdown(rows: Sequence[Result | None]) -> None:
@@ -1017,19 +1092,23 @@ def print_targets(report: Report) -> None:
     print("\n== Targets (from the performance issue) ==")
     e2e, echo = report.find("Decrypt", 32), report.find("echo Decrypt", 32, report.echo)
     ratio = e2e.rate / echo.rate if e2e and echo and echo.rate else None
+    disturbed = "  (a row behind this was disturbed by other load)"
     print(f"  [{verdict(None if ratio is None else ratio >= TARGET_ECHO_RATIO)}] Decrypt c=32 >= "
-          f"{TARGET_ECHO_RATIO:.0%} of the echo ceiling: " + (f"{ratio:.0%}" if ratio is not None else "not measured"))
+          f"{TARGET_ECHO_RATIO:.0%} of the echo ceiling: " + (f"{ratio:.0%}" if ratio is not None else "not measured")
+          + (disturbed if (e2e and e2e.noisy) or (echo and echo.noisy) else ""))
     c1 = report.find("Decrypt", 1)
     if c1:
+        mark = disturbed if c1.noisy else ""
         print(f"  [{verdict(c1.pct(50) <= TARGET_C1_P50_MS)}] Decrypt c=1 p50 <= {TARGET_C1_P50_MS:g} ms: "
-              f"{c1.pct(50):.2f} ms")
+              f"{c1.pct(50):.2f} ms{mark}")
         print(f"  [{verdict(c1.pct(99) <= TARGET_C1_P99_MS)}] Decrypt c=1 p99 <= {TARGET_C1_P99_MS:g} ms: "
-              f"{c1.pct(99):.2f} ms")
+              f"{c1.pct(99):.2f} ms{mark}")
     else:
         print("  [n/a ] Decrypt c=1 latency: not measured")
     if s := report.storm:
         full = s.size >= TARGET_STORM_SIZE and s.concurrency >= TARGET_STORM_CONCURRENCY
         scope = "" if full else f" (this run: {s.size} at c={s.concurrency}, smaller than the target's: no verdict)"
+        scope += disturbed if s.decrypt.noisy else ""
         in_time = s.correct == s.size and s.seconds <= TARGET_STORM_SECONDS
         print(f"  [{verdict(in_time if full else None)}] storm of {TARGET_STORM_SIZE} at c={TARGET_STORM_CONCURRENCY} "
               f"all correct within {TARGET_STORM_SECONDS:g} s: {s.correct}/{s.size} correct in {s.seconds:.2f} s"
@@ -1079,6 +1158,7 @@ class Settings:
     frontend_pid: int | None
     broker_pid: int | None
     wait_quiet: float
+    settle: float
     keep_state: bool
     json_path: Path | None
 
@@ -1137,7 +1217,7 @@ class Bench:
             self.report.notes.append(f"PKCS #11 ceiling skipped: {exc}")
             print(f"  skipped: {exc}")
             return
-        print(f"  {c.library}: AES-256-GCM of 32 B, key made with keys_cli.key_template: encrypt "
+        print(f"  {c.library}: AES-256-GCM of 32 B, key with the product's AES key template: encrypt "
               f"{c.encrypt_per_s:,.0f}/s ({c.encrypt_us:.0f} us each), decrypt {c.decrypt_per_s:,.0f}/s "
               f"({c.decrypt_us:.0f} us each), {c.pairs} pairs")
 
@@ -1151,7 +1231,7 @@ class Bench:
                         self.root / "echo.log")
         try:
             await wait_ready(path, [process])
-            load = Load(Processes(None, None, {"echo server": process.pid}), "-", s.seconds, s.calls)
+            load = Load(Processes(None, None, {"echo server": process.pid}), "-", s.seconds, s.calls, s.settle)
             async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
                 stub = api_pb2_grpc.KeyManagementServiceStub(channel)
                 pool = fake_pool(DECRYPT_POOL)
@@ -1178,7 +1258,7 @@ class Bench:
             report.memory_before = procs.memory()
             print()
             print_memory("before the load (plugin idle and healthy)", report.memory_before)
-            load = Load(procs, workers, s.seconds, s.calls)
+            load = Load(procs, workers, s.seconds, s.calls, s.settle)
             async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
                 stub = api_pb2_grpc.KeyManagementServiceStub(channel)
                 pool = await seal(stub, DECRYPT_POOL, 16)
@@ -1240,22 +1320,28 @@ class Bench:
         print(f"\n== Decrypt c={s.sweep_concurrency}, {s.sweep_seconds:g} s, with the broker's worker count varied "
               "(a fresh plugin each) ==")
         if s.latency_ms > 0:
-            print(f"   then with +{s.latency_ms:g} ms per token call, injected by wrapping Token._call in the workers "
-                  "at import time (product code unchanged)")
+            print(f"   then with +{s.latency_ms:g} ms per token operation, injected by wrapping PyKCS11.Session's "
+                  "operations in the workers at import time (product code unchanged)")
         print_header()
         for latency in [0.0] + ([s.latency_ms] if s.latency_ms > 0 else []):
             for count in s.sweep_workers:
                 plugin = self.new_plugin()
-                procs = await plugin.start(count, latency)
+                try:
+                    procs = await plugin.start(count, latency)
+                except SystemExit as exc:  # one failed instance should not lose the whole run's figures
+                    self.report.notes.append(f"sweep: {count} workers, +{latency:g} ms: {exc}")
+                    print(f"  {count} workers, +{latency:g} ms: skipped: {exc}")
+                    continue
                 try:
                     async with grpc.aio.insecure_channel(f"unix:{plugin.socket}") as channel:
                         stub = api_pb2_grpc.KeyManagementServiceStub(channel)
                         pool = await seal(stub, DECRYPT_POOL, 16)
                         name = "Decrypt" if latency == 0 else f"Decrypt +{latency:g} ms/op"
-                        load = Load(procs, str(count), s.sweep_seconds, s.calls)
+                        load = Load(procs, str(count), s.sweep_seconds, s.calls, s.settle)
                         self.report.sweep.append(await measure(load, name, decrypt_call(stub, pool),
                                                                s.sweep_concurrency))
-                        self.report.sweep_memory[f"{count} workers, +{latency:g} ms"] = procs.memory()
+                        label = f"{count} worker{'' if count == 1 else 's'}, +{latency:g} ms"
+                        self.report.sweep_memory[label] = procs.memory()
                 finally:
                     plugin.stop()
         for label, memory in self.report.sweep_memory.items():
@@ -1293,7 +1379,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--frontend-pid", type=int, default=None, help="with --socket: for CPU and RSS")
     parser.add_argument("--broker-pid", type=int, default=None, help="with --socket: the supervisor's pid")
     parser.add_argument("--wait-quiet", type=float, default=None,
-                        help="first wait up to this many seconds for other processes to go quiet (default 30)")
+                        help="first wait up to this many seconds for other processes to go quiet (default 30, quick 0)")
+    parser.add_argument("--settle", type=float, default=None,
+                        help="before each row, wait up to this long for other processes to go quiet (default 2)")
     parser.add_argument("--keep-state", action="store_true", help="keep the state dirs and logs")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     parser.add_argument("--serve-echo", type=Path, default=None, help=argparse.SUPPRESS)
@@ -1329,7 +1417,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         frontend_config=args.frontend_config,
         frontend_pid=args.frontend_pid,
         broker_pid=args.broker_pid,
-        wait_quiet=pick(args.wait_quiet, 30.0, 5.0),
+        wait_quiet=pick(args.wait_quiet, 30.0, 0.0),
+        settle=pick(args.settle, 2.0, 0.0),
         keep_state=args.keep_state,
         json_path=args.json,
     )
