@@ -30,7 +30,8 @@ class IpcConfig:
     server_key: Path
     # Public certificates (NAME.key) of the frontends admitted to the socket.
     client_keys: list[Path]
-    # The frontend's user: only its processes may connect. Unset: the broker's own user.
+    # The frontend's user (a name, or a uid in quotes): only its processes may connect. Unset: the
+    # broker's own user.
     frontend_user: str | None = None
     # Group given to the socket directory so the frontend's user can reach the socket.
     group: str | None = None

@@ -384,7 +384,8 @@ class Supervisor:
 def _peer_policy(config: BrokerConfig) -> PeerPolicy:
     user = config.ipc.frontend_user
     try:
-        uid = os.geteuid() if user is None else pwd.getpwnam(user).pw_uid
+        # A numeric uid needs no passwd entry (containers often lack one for the other container's user).
+        uid = os.geteuid() if user is None else int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
     except KeyError:
         raise FatalError(f"ipc.frontend_user: no user named {user!r}", EXIT_USAGE) from None
     keys = frozenset(load_public_key(path) for path in config.ipc.client_keys)
