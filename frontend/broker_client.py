@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -17,6 +18,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from keysealer.frontend.metrics import Metrics
 from keysealer.shared import ipc_schema
 from keysealer.shared.errors import ErrorCode, KeySealerError
 from keysealer.shared.ipc_keys import KeyPair
@@ -30,7 +32,8 @@ R = TypeVar("R")
 
 
 class BrokerClient:
-    def __init__(self, socket_path: Path, own_key: KeyPair, broker_public_key: bytes) -> None:
+    def __init__(self, socket_path: Path, own_key: KeyPair, broker_public_key: bytes, metrics: Metrics) -> None:
+        self._metrics = metrics
         self._endpoint = f"ipc://{socket_path}"
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
@@ -79,18 +82,20 @@ class BrokerClient:
         self._context.destroy(linger=0)
 
     async def wrap(self, plaintext: bytes, timeout: float) -> ipc_schema.WrapResult:
-        reply = await self._call(lambda i, ttl: ipc_schema.WrapRequest(i, ttl, plaintext), timeout)
+        reply = await self._call(lambda i, ttl: ipc_schema.WrapRequest(i, ttl, plaintext), timeout, "wrap")
         return _expect(reply, ipc_schema.WrapResult)
 
     async def unwrap(self, ciphertext: bytes, key_id: str, timeout: float) -> ipc_schema.UnwrapResult:
-        reply = await self._call(lambda i, ttl: ipc_schema.UnwrapRequest(i, ttl, ciphertext, key_id), timeout)
+        reply = await self._call(lambda i, ttl: ipc_schema.UnwrapRequest(i, ttl, ciphertext, key_id), timeout,
+                                 "unwrap")
         return _expect(reply, ipc_schema.UnwrapResult)
 
     async def health(self, timeout: float) -> ipc_schema.HealthResult:
-        reply = await self._call(ipc_schema.HealthRequest, timeout)
+        reply = await self._call(ipc_schema.HealthRequest, timeout, "health")
         return _expect(reply, ipc_schema.HealthResult)
 
-    async def _call(self, build: Callable[[int, int], ipc_schema.Request], timeout: float) -> ipc_schema.Reply:
+    async def _call(self, build: Callable[[int, int], ipc_schema.Request], timeout: float,
+                    operation: str) -> ipc_schema.Reply:
         """Send one request; raises KeySealerError, or TimeoutError when no reply came in time."""
         request_id = next(self._ids)
         frame = ipc_schema.encode_request(build(request_id, max(1, int(timeout * 1000))))
@@ -101,8 +106,11 @@ class BrokerClient:
                 await self._socket.send(frame, flags=zmq.NOBLOCK)
             except zmq.Again:
                 raise KeySealerError(ErrorCode.BROKER_UNAVAILABLE, _NOT_CONNECTED) from None
+            started = time.monotonic()
             async with asyncio.timeout(timeout):
-                return await future
+                reply = await future
+            self._metrics.broker_seconds.labels(operation).observe(time.monotonic() - started)
+            return reply
         finally:
             # A reply arriving after this is discarded by _read_replies: nobody waits for it.
             self._pending.pop(request_id, None)

@@ -1,18 +1,24 @@
 """What every call the frontend serves goes through, whichever KMS API version: admission under the
 in-flight bound, a deadline shorter than the caller's, and one mapping from errors to gRPC codes."""
 
+import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
 from keysealer.frontend.config import LimitsConfig
+from keysealer.frontend.metrics import Metrics
 from keysealer.shared.errors import ErrorCode, KeySealerError
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 
+audit = logging.getLogger("keysealer.audit")
+MAX_LOGGED_UID = 64
 # Time kept back from the caller's deadline to send our answer before it expires.
 DEADLINE_MARGIN_SECONDS = 0.05
 
@@ -28,25 +34,60 @@ GRPC_CODES = {
 }
 
 
+@dataclass
+class CallRecord:
+    """What the audit event of one call says; the handler fills in the key_id once it knows it."""
+
+    method: str
+    uid: str
+    key_id: str = ""
+
+
 class CallGate:
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(self, limits: LimitsConfig, metrics: Metrics) -> None:
         self._limits = limits
+        self._metrics = metrics
         self._in_flight = 0
 
-    async def run(self, context: Context, handler: Callable[[Req, float], Awaitable[Resp]], request: Req) -> Resp:
-        """Admit the call under the in-flight bound, give it its deadline, turn errors into gRPC codes."""
+    async def run(self, context: Context, record: CallRecord,
+                  handler: Callable[[Req, float, CallRecord], Awaitable[Resp]], request: Req) -> Resp:
+        """Admit the call under the in-flight bound, give it its deadline, turn errors into gRPC codes,
+        and account for it (metrics, one audit event)."""
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
         if self._in_flight >= self._limits.max_in_flight:
+            self._metrics.refused.inc()
+            self._finish(record, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight")
         self._in_flight += 1
+        self._metrics.in_flight.set(self._in_flight)
         try:
             timeout = self._limits.call_timeout_seconds
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
-            return await handler(request, max(timeout, 0.001))
+            return await handler(request, max(timeout, 0.001), record)
         except KeySealerError as exc:
-            await context.abort(GRPC_CODES[exc.code], exc.message)
+            code = GRPC_CODES[exc.code]
+            await context.abort(code, exc.message)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "broker did not answer in time")
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, "broker did not answer in time")
         finally:
             self._in_flight -= 1
+            self._metrics.in_flight.set(self._in_flight)
+            self._finish(record, code, started)
+
+    def _finish(self, record: CallRecord, code: grpc.StatusCode, started: float) -> None:
+        seconds = time.monotonic() - started
+        self._metrics.requests.labels(record.method, code.name).inc()
+        self._metrics.request_seconds.labels(record.method).observe(seconds)
+        audit.info("%s %s", record.method, code.name, extra={"audit": {
+            "method": record.method, "uid": _printable(record.uid), "key_id": record.key_id,
+            "outcome": "ok" if code is grpc.StatusCode.OK else "error", "code": code.name,
+            "latency_ms": round(seconds * 1000, 3)}})
+
+
+def _printable(text: str) -> str:
+    """A caller-supplied string as it may appear in a log: bounded, one line."""
+    return "".join(c if c.isprintable() else "?" for c in text[:MAX_LOGGED_UID])

@@ -41,6 +41,14 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Off unless one is set: /metrics, /livez, /readyz and /healthz on a Unix socket, or on a TCP port of
+    # 127.0.0.1 (which lets the frontend's sandbox open IPv4 sockets).
+    socket: Path | None = None
+    port: int | None = bounded(None, 1, 65535)
+
+
+@dataclass(frozen=True)
 class FrontendConfig:
     listen: ListenConfig
     broker: BrokerLinkConfig
@@ -50,10 +58,13 @@ class FrontendConfig:
     kms_v1beta1: bool = False
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def load_frontend_config(path: Path) -> FrontendConfig:
     config = load_config(path, FrontendConfig)
     if config.listen.mode == "0660" and config.listen.group is None:
         raise ConfigError(f"{path}: listen.group: required when listen.mode is 0660")
+    if config.metrics.socket is not None and config.metrics.port is not None:
+        raise ConfigError(f"{path}: metrics: set socket or port, not both")
     return config

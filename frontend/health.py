@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from keysealer.frontend.broker_client import BrokerClient
 from keysealer.frontend.config import HealthConfig
+from keysealer.frontend.metrics import Metrics
 from keysealer.shared.errors import ErrorCode, KeySealerError
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ class Health:
 
 
 class HealthMonitor:
-    def __init__(self, client: BrokerClient, config: HealthConfig, call_timeout: float) -> None:
+    def __init__(self, client: BrokerClient, config: HealthConfig, call_timeout: float, metrics: Metrics) -> None:
         self._client = client
+        self._metrics = metrics
         self._config = config
         self._timeout = call_timeout
         self._key_id = ""
@@ -120,9 +122,12 @@ class HealthMonitor:
             self._timeouts_in_a_row = 0
             self._last_success = time.monotonic()
             self._success_epoch = epoch
+            self._metrics.last_healthy_probe.set_to_current_time()
 
     async def _refresh_keys(self) -> None:
         health = await self._client.health(self._timeout)
+        self._metrics.set_workers([w.state for w in health.workers])
+        self._metrics.set_current_key(health.current_key_id)
         if health.current_key_id:  # a key set from ready workers: trustworthy
             self._known_key_ids = frozenset(health.key_ids)
             self._key_id = health.current_key_id

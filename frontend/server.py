@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,8 +14,10 @@ from keysealer.frontend.broker_client import BrokerClient
 from keysealer.frontend.call_gate import CallGate
 from keysealer.frontend.config import FrontendConfig
 from keysealer.frontend.health import HealthMonitor
+from keysealer.frontend.http_endpoints import EndpointServer, EndpointState
 from keysealer.frontend.kmsv1 import api_pb2_grpc as v1_grpc
 from keysealer.frontend.kmsv2 import api_pb2_grpc as v2_grpc
+from keysealer.frontend.metrics import Metrics
 from keysealer.frontend.service import Forwarder, KmsService, KmsV1Service
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
@@ -27,6 +30,7 @@ T = TypeVar("T")
 # Far above any legitimate KMS v2 message (32-byte seeds, <= 1 KiB ciphertexts, <= 32 KiB annotations);
 # gRPC refuses larger messages before our code sees them.
 MAX_MESSAGE_BYTES = 64 * 1024
+HEARTBEAT_SECONDS = 1.0
 
 
 async def serve(config: FrontendConfig) -> int:
@@ -37,14 +41,15 @@ async def serve(config: FrontendConfig) -> int:
     path = config.listen.socket
     claim_socket_path(path)
     gid = None if config.listen.group is None else group_id(config.listen.group, "listen.group")
+    metrics = Metrics()
     client = BrokerClient(config.broker.socket, load_keypair(config.broker.client_key),
-                          load_public_key(config.broker.server_key))
-    health = HealthMonitor(client, config.health, config.limits.call_timeout_seconds)
+                          load_public_key(config.broker.server_key), metrics)
+    health = HealthMonitor(client, config.health, config.limits.call_timeout_seconds, metrics)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
-    forwarder, gate = Forwarder(client, health), CallGate(config.limits)
+    forwarder, gate = Forwarder(client, health), CallGate(config.limits, metrics)
     v2_grpc.add_KeyManagementServiceServicer_to_server(KmsService(forwarder, health, gate), server)
     if config.kms_v1beta1:
         v1_grpc.add_KeyManagementServiceServicer_to_server(KmsV1Service(forwarder, gate), server)
@@ -54,6 +59,9 @@ async def serve(config: FrontendConfig) -> int:
         except RuntimeError:
             raise FatalError(f"listen.socket: cannot bind {path}", EXIT_USAGE) from None
         await server.start()
+    endpoints_state = EndpointState(metrics, health.current)
+    endpoints = _endpoint_server(config, endpoints_state)
+    heartbeat = asyncio.create_task(_beat(endpoints_state))
     try:
         if gid is not None:
             os.chown(path, -1, gid)
@@ -61,7 +69,8 @@ async def serve(config: FrontendConfig) -> int:
         if _sandbox(become_configured_user, config.user):
             log.warning("running as root, as configured (user: root)")
         await client.start()  # connects as the service user: the broker admits that uid only
-        _sandbox(lock_down)  # every socket exists: from here on, no exec and Unix sockets only
+        # Every socket exists: from here on no exec, and Unix sockets only unless metrics listen on TCP.
+        _sandbox(lock_down, config.metrics.port is not None)
         health.start()
         log.info("serving KMS v2 on %s (broker %s)", path, config.broker.socket)
         stop = asyncio.Event()
@@ -72,10 +81,31 @@ async def serve(config: FrontendConfig) -> int:
         log.info("stopping: letting calls in flight finish")
     finally:
         await server.stop(grace=config.limits.call_timeout_seconds)
+        heartbeat.cancel()
+        if endpoints is not None:
+            endpoints.stop()
         await health.stop()
         await client.close()
         remove_socket(path)
     return EXIT_OK
+
+
+def _endpoint_server(config: FrontendConfig, state: EndpointState) -> EndpointServer | None:
+    if config.metrics.socket is None and config.metrics.port is None:
+        return None
+    try:
+        endpoints = EndpointServer(state, config.metrics.socket, config.metrics.port)
+    except OSError as exc:
+        raise FatalError(f"metrics: cannot listen: {exc.strerror}", EXIT_USAGE) from None
+    endpoints.start()
+    return endpoints
+
+
+async def _beat(state: EndpointState) -> None:
+    """What /livez checks: the event loop still runs its tasks."""
+    while True:
+        state.loop_heartbeat = time.monotonic()
+        await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
 def _sandbox(step: Callable[..., T], *args: Any) -> T:

@@ -5,7 +5,7 @@ from importlib.metadata import version
 
 from keysealer.frontend import validation
 from keysealer.frontend.broker_client import BrokerClient
-from keysealer.frontend.call_gate import CallGate, Context
+from keysealer.frontend.call_gate import CallGate, CallRecord, Context
 from keysealer.frontend.health import HealthMonitor
 from keysealer.frontend.kmsv1 import api_pb2 as v1
 from keysealer.frontend.kmsv1 import api_pb2_grpc as v1_grpc
@@ -48,16 +48,17 @@ class KmsService(v2_grpc.KeyManagementServiceServicer):
         return v2.StatusResponse(version=API_VERSION, healthz=health.reason, key_id=health.key_id)
 
     async def Encrypt(self, request: v2.EncryptRequest, context: Context) -> v2.EncryptResponse:
-        return await self._gate.run(context, self._encrypt, request)
+        return await self._gate.run(context, CallRecord("Encrypt", request.uid), self._encrypt, request)
 
     async def Decrypt(self, request: v2.DecryptRequest, context: Context) -> v2.DecryptResponse:
-        return await self._gate.run(context, self._decrypt, request)
+        record = CallRecord("Decrypt", request.uid, request.key_id)
+        return await self._gate.run(context, record, self._decrypt, request)
 
-    async def _encrypt(self, request: v2.EncryptRequest, timeout: float) -> v2.EncryptResponse:
-        ciphertext, key_id = await self._forwarder.wrap(request.plaintext, request.uid, timeout)
-        return v2.EncryptResponse(ciphertext=ciphertext, key_id=key_id, annotations=validation.ANNOTATIONS)
+    async def _encrypt(self, request: v2.EncryptRequest, timeout: float, record: CallRecord) -> v2.EncryptResponse:
+        ciphertext, record.key_id = await self._forwarder.wrap(request.plaintext, request.uid, timeout)
+        return v2.EncryptResponse(ciphertext=ciphertext, key_id=record.key_id, annotations=validation.ANNOTATIONS)
 
-    async def _decrypt(self, request: v2.DecryptRequest, timeout: float) -> v2.DecryptResponse:
+    async def _decrypt(self, request: v2.DecryptRequest, timeout: float, _record: CallRecord) -> v2.DecryptResponse:
         validation.check_decrypt(request.ciphertext, request.uid, request.key_id, request.annotations)
         plaintext = await self._forwarder.unwrap(request.ciphertext, request.key_id, timeout)
         return v2.DecryptResponse(plaintext=plaintext)
@@ -75,17 +76,17 @@ class KmsV1Service(v1_grpc.KeyManagementServiceServicer):
                                   runtime_version=version("keysealer"))
 
     async def Encrypt(self, request: v1.EncryptRequest, context: Context) -> v1.EncryptResponse:
-        return await self._gate.run(context, self._encrypt, request)
+        return await self._gate.run(context, CallRecord("v1beta1.Encrypt", ""), self._encrypt, request)
 
     async def Decrypt(self, request: v1.DecryptRequest, context: Context) -> v1.DecryptResponse:
-        return await self._gate.run(context, self._decrypt, request)
+        return await self._gate.run(context, CallRecord("v1beta1.Decrypt", ""), self._decrypt, request)
 
-    async def _encrypt(self, request: v1.EncryptRequest, timeout: float) -> v1.EncryptResponse:
+    async def _encrypt(self, request: v1.EncryptRequest, timeout: float, record: CallRecord) -> v1.EncryptResponse:
         validation.check_v1_version(request.version)
-        ciphertext, _ = await self._forwarder.wrap(request.plain, "", timeout)
+        ciphertext, record.key_id = await self._forwarder.wrap(request.plain, "", timeout)
         return v1.EncryptResponse(cipher=ciphertext)
 
-    async def _decrypt(self, request: v1.DecryptRequest, timeout: float) -> v1.DecryptResponse:
+    async def _decrypt(self, request: v1.DecryptRequest, timeout: float, record: CallRecord) -> v1.DecryptResponse:
         validation.check_v1_version(request.version)
-        key_id = validation.key_id_of(request.cipher)
+        key_id = record.key_id = validation.key_id_of(request.cipher)
         return v1.DecryptResponse(plain=await self._forwarder.unwrap(request.cipher, key_id, timeout))

@@ -51,6 +51,10 @@ class DevLayout:
         return self.root / "kms.sock"
 
     @property
+    def metrics_socket(self) -> Path:
+        return self.root / "metrics.sock"
+
+    @property
     def broker_socket(self) -> Path:
         return self.root / "broker" / "broker.sock"
 
@@ -114,6 +118,7 @@ def prepare(layout: DevLayout) -> None:
         "broker": {"socket": str(layout.broker_socket),
                    "client_key": str(layout.ipc_key("frontend", SECRET_SUFFIX)),
                    "server_key": str(layout.ipc_key("broker", PUBLIC_SUFFIX))},
+        "metrics": {"socket": str(layout.metrics_socket)},
         **user,
     }, sort_keys=False))
     config = str(layout.broker_config)
@@ -240,6 +245,7 @@ def _ready_message(layout: DevLayout, key_id: str) -> str:
         }],
     }, sort_keys=False)
     return (f"KeySealer is ready.\nsocket: {layout.kms_socket}\nkey_id: {key_id}\n"
+            f"metrics and health: {layout.metrics_socket} (/metrics, /livez, /readyz)\n"
             f"broker config: {layout.broker_config}\nfrontend config: {layout.frontend_config}\n\n"
             f"EncryptionConfiguration for kube-apiserver (--encryption-provider-config):\n---\n"
             f"{encryption_config}")

@@ -1,6 +1,8 @@
 """What every KeySealer entry point shares: exit codes and the one-line error contract."""
 
 import argparse
+import datetime
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -57,16 +59,38 @@ def run_service(program: str, description: str | None, serve: Callable[[Path], i
         parser = argparse.ArgumentParser(prog=program, description=description)
         parser.add_argument("--config", required=True, type=Path, help="YAML config file")
         parser.add_argument("--verbose", action="store_true", help="debug logging")
+        parser.add_argument("--log-text", action="store_true", help="human-readable log lines instead of JSON")
         args = parser.parse_args()
-        setup_logging(program, args.verbose)
+        setup_logging(program, args.verbose, json_lines=not args.log_text)
         return serve(args.config)
 
     run_main(program, body)
 
 
-def setup_logging(program: str, verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format=f"%(asctime)s {program}[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonLines(logging.Formatter):
+    """One JSON object a line: what log collectors parse without configuration. Audit events add their
+    fields under "audit"."""
+
+    def __init__(self, program: str) -> None:
+        super().__init__()
+        self._program = program
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "program": self._program, "pid": record.process, "level": record.levelname.lower(),
+            "logger": record.name, "message": record.getMessage(),
+        }
+        audit = getattr(record, "audit", None)
+        if audit is not None:
+            entry["audit"] = audit
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(program: str, verbose: bool = False, json_lines: bool = True) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines(program) if json_lines else logging.Formatter(
+        f"%(asctime)s {program}[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])

@@ -1,0 +1,90 @@
+"""/metrics, /livez, /readyz and /healthz over HTTP, on a Unix socket or a loopback TCP port.
+
+Served from a thread with the standard library's HTTP server: every answer comes from state kept by the
+event loop (the last health probe, the loop's heartbeat), so a scrape never waits for the broker.
+"""
+
+import http.server
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from keysealer.frontend.health import Health
+from keysealer.frontend.metrics import Metrics
+from keysealer.shared.socket_path import claim_socket_path, remove_socket, umask
+
+# The event loop beats once a second; more than this without a beat means it is wedged.
+LIVENESS_STALE_SECONDS = 5.0
+
+
+class EndpointState:
+    def __init__(self, metrics: Metrics, health: Callable[[], Health]) -> None:
+        self.metrics = metrics
+        self.health = health
+        self.loop_heartbeat = time.monotonic()
+
+
+def _handler(state: EndpointState) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._answer(200, generate_latest(state.metrics.registry), CONTENT_TYPE_LATEST)
+            elif path == "/livez":
+                alive = time.monotonic() - state.loop_heartbeat < LIVENESS_STALE_SECONDS
+                self._answer(200 if alive else 503, b"ok\n" if alive else b"event loop not responding\n")
+            elif path in ("/readyz", "/healthz"):
+                health = state.health()
+                self._answer(200 if health.healthy else 503, f"{health.reason}\n".encode())
+            else:
+                self._answer(404, b"not found\n")
+
+        def _answer(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def address_string(self) -> str:
+            return "local"  # a Unix socket peer has no address
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # probes and scrapes are not worth a log line each
+
+    return Handler
+
+
+class _UnixHTTPServer(socketserver.UnixStreamServer):
+    def get_request(self) -> tuple[Any, Any]:
+        request, _ = super().get_request()
+        return request, ("local", 0)
+
+
+class EndpointServer:
+    def __init__(self, state: EndpointState, socket: Path | None, port: int | None) -> None:
+        handler = _handler(state)
+        self._socket = socket
+        self._server: socketserver.BaseServer
+        if socket is not None:
+            claim_socket_path(socket)
+            with umask(0o117):
+                self._server = _UnixHTTPServer(str(socket), handler)
+        else:
+            assert port is not None
+            self._server = http.server.HTTPServer(("127.0.0.1", port), handler)  # loopback only
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http-endpoints", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._socket is not None:
+            remove_socket(self._socket)
