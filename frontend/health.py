@@ -128,10 +128,11 @@ class HealthMonitor:
         health = await self._client.health(self._timeout)
         self._metrics.set_workers([w.state for w in health.workers])
         self._metrics.set_current_key(health.current_key_id)
-        if health.current_key_id:  # a key set from ready workers: trustworthy
+        if any(w.state == "ready" for w in health.workers):  # a key set from ready workers: trustworthy
             self._known_key_ids = frozenset(health.key_ids)
-            self._key_id = health.current_key_id
             self._keys_refreshed = time.monotonic()
+        if health.current_key_id:
+            self._key_id = health.current_key_id
         else:
             reason = next((w.reason for w in health.workers if w.reason), "no current key")
             raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, reason)

@@ -60,9 +60,10 @@ async def serve(config: FrontendConfig) -> int:
             raise FatalError(f"listen.socket: cannot bind {path}", EXIT_USAGE) from None
         await server.start()
     endpoints_state = EndpointState(metrics, health.current)
-    endpoints = _endpoint_server(config, endpoints_state)
+    endpoints: EndpointServer | None = None
     heartbeat = asyncio.create_task(_beat(endpoints_state))
     try:
+        endpoints = _endpoint_server(config, endpoints_state)
         if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, int(config.listen.mode, 8))
@@ -72,7 +73,8 @@ async def serve(config: FrontendConfig) -> int:
         # Every socket exists: from here on no exec, and Unix sockets only unless metrics listen on TCP.
         _sandbox(lock_down, config.metrics.port is not None)
         health.start()
-        log.info("serving KMS v2 on %s (broker %s)", path, config.broker.socket)
+        log.info("serving KMS v2%s on %s (broker %s)", " and v1beta1" if config.kms_v1beta1 else "", path,
+                 config.broker.socket)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

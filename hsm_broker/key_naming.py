@@ -7,7 +7,7 @@ key_id unique, even for a re-created label. Objects that make one key (an AES ke
 key pair) share the CKA_ID. Keys made before mechanisms were recorded have b"KS1" and no mechanism byte:
 they are AES-256-GCM keys.
 
-Key versions of one label: the newest is current; a retired key (CKA_DECRYPT and CKA_ENCRYPT set to false,
+Key versions of one label: the newest is current; a retired key (CKA_DECRYPT and CKA_UNWRAP set to false,
 which the token itself enforces) serves nothing. If the newest is retired there is no current key: an
 older key never becomes current again, so a key_id never comes back (no A -> B -> A).
 """

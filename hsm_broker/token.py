@@ -1,4 +1,5 @@
-"""One logged-in PKCS #11 session on the configured token, and the AES-256-GCM wrap/unwrap done in it.
+"""One logged-in PKCS #11 session on the configured token: finding KeySealer's keys in it, and sealing
+and opening seeds with them (the mechanisms are in mechanisms.py).
 
 Encryption happens inside the token: the key is sensitive and non-extractable, this process only ever
 holds key handles.
@@ -115,29 +116,66 @@ _HELPER_OBJECTS = {(PyKCS11.CKO_SECRET_KEY, PyKCS11.CKK_GENERIC_SECRET), (PyKCS1
 
 
 def find_keys(session: Any) -> list[TokenKey]:
-    """Every key in the token that KeySealer created, with its objects and whether it is retired."""
-    mains: dict[bytes, tuple[Any, str, bool]] = {}
-    helpers: dict[bytes, Any] = {}
+    """Every key in the token that KeySealer created, with its objects and whether it is retired.
+
+    A key whose objects are ambiguous (two main objects, or helpers that do not belong to its main object)
+    is ignored: someone holding the PIN could otherwise slip in an object they control, such as an RSA
+    public key whose private half they keep, and have seeds sealed to it.
+    """
+    mains: dict[bytes, list[tuple[Any, str, bool]]] = {}
+    helpers: dict[bytes, list[Any]] = {}
     for object_class in (PyKCS11.CKO_SECRET_KEY, PyKCS11.CKO_PRIVATE_KEY, PyKCS11.CKO_PUBLIC_KEY):
         for handle in session.findObjects([(PyKCS11.CKA_CLASS, object_class)]):
             object_id, label, key_type = session.getAttributeValue(
                 handle, [PyKCS11.CKA_ID, PyKCS11.CKA_LABEL, PyKCS11.CKA_KEY_TYPE])
             object_id = bytes(object_id or b"")
-            if not is_keysealer_object_id(object_id):
-                continue
             role = (object_class, key_type)
-            if role in _HELPER_OBJECTS and object_class == PyKCS11.CKO_PUBLIC_KEY:
-                helpers[object_id] = handle  # public: nothing to keep secret
-            elif role in _MAIN_OBJECTS | _HELPER_OBJECTS and not _born_in_token(session, handle, object_id):
+            if not is_keysealer_object_id(object_id) or role not in _MAIN_OBJECTS | _HELPER_OBJECTS:
                 continue
-            elif role in _MAIN_OBJECTS:
+            if object_class != PyKCS11.CKO_PUBLIC_KEY and not _born_in_token(session, handle, object_id):
+                continue
+            if role in _MAIN_OBJECTS:
                 # Retired keys have every unsealing use switched off; the token itself then refuses them.
                 decrypt, unwrap = session.getAttributeValue(handle, [PyKCS11.CKA_DECRYPT, PyKCS11.CKA_UNWRAP])
-                mains[object_id] = (handle, str(label or ""), not (decrypt or unwrap))
-            elif role in _HELPER_OBJECTS:
-                helpers[object_id] = handle
-    return [TokenKey(KeyIdentity(object_id, label), retired, KeyObjects(handle, helpers.get(object_id)))
-            for object_id, (handle, label, retired) in mains.items()]
+                mains.setdefault(object_id, []).append((handle, str(label or ""), not (decrypt or unwrap)))
+            else:
+                helpers.setdefault(object_id, []).append(handle)
+    keys = []
+    for object_id, found in mains.items():
+        helper = _helper_of(session, found, helpers.get(object_id, []))
+        if len(found) != 1 or helper is _AMBIGUOUS:
+            _warn_once(object_id, "it has more than one object of one kind")
+            continue
+        handle, label, retired = found[0]
+        keys.append(TokenKey(KeyIdentity(object_id, label), retired, KeyObjects(handle, helper)))
+    return keys
+
+
+_AMBIGUOUS = object()
+
+
+def _helper_of(session: Any, mains: list[tuple[Any, str, bool]], candidates: list[Any]) -> Any:
+    """The one helper object of a key (HMAC key, or the RSA public key with the private key's modulus)."""
+    if len(mains) == 1 and candidates and session.getAttributeValue(mains[0][0], [PyKCS11.CKA_KEY_TYPE])[0] == \
+            PyKCS11.CKK_RSA:
+        (modulus,) = session.getAttributeValue(mains[0][0], [PyKCS11.CKA_MODULUS], allAsBinary=True)
+        candidates = [c for c in candidates
+                      if session.getAttributeValue(c, [PyKCS11.CKA_MODULUS], allAsBinary=True)[0] == modulus]
+        if not candidates:
+            return _AMBIGUOUS
+    if len(candidates) > 1:
+        return _AMBIGUOUS
+    return candidates[0] if candidates else None
+
+
+_warned: set[bytes] = set()
+
+
+def _warn_once(object_id: bytes, why: str) -> None:
+    # Keys are re-read every few seconds: one warning per object and process is enough.
+    if object_id not in _warned:
+        _warned.add(object_id)
+        log.warning("ignoring token key %s: %s", key_id_for_ref(key_ref_for(object_id)), why)
 
 
 def _born_in_token(session: Any, handle: Any, object_id: bytes) -> bool:
@@ -151,8 +189,7 @@ def _born_in_token(session: Any, handle: Any, object_id: bytes) -> bool:
         handle, [PyKCS11.CKA_ALWAYS_SENSITIVE, PyKCS11.CKA_NEVER_EXTRACTABLE])
     if always_sensitive and never_extractable:
         return True
-    log.warning("ignoring token object %s: it was not generated in the token as a non-extractable key",
-                key_id_for_ref(key_ref_for(object_id)))
+    _warn_once(object_id, "it was not generated in the token as a non-extractable key")
     return False
 
 

@@ -139,8 +139,13 @@ class Worker:
         self._token = None
 
     def _wait_backoff(self) -> None:
-        time.sleep(self._backoff)
+        """Wait before reopening, answering whatever was handed to us meanwhile: a request the supervisor
+        sent before it learnt we lost the token must get an answer, not wait for our watchdog."""
+        deadline = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, RETRY_MAX_SECONDS)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._socket.poll(int(remaining * 1000) + 1):
+                self._serve_one()
 
     def _serve_one(self) -> None:
         frames = self._socket.recv_multipart()
@@ -206,6 +211,7 @@ def worker_main(config: BrokerConfig, backend: str, supervisor_pid: int) -> int:
     """Entry point in a freshly forked child: never returns into the supervisor's code."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # meant for the supervisor (reload), or a closed terminal
     _die_with_parent(supervisor_pid)
     return Worker(config, backend).run()
 

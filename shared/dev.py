@@ -245,7 +245,8 @@ def _ready_message(layout: DevLayout, key_id: str) -> str:
         }],
     }, sort_keys=False)
     return (f"KeySealer is ready.\nsocket: {layout.kms_socket}\nkey_id: {key_id}\n"
-            f"metrics and health: {layout.metrics_socket} (/metrics, /livez, /readyz)\n"
-            f"broker config: {layout.broker_config}\nfrontend config: {layout.frontend_config}\n\n"
+            + (f"metrics and health: {layout.metrics_socket} (/metrics, /livez, /readyz)\n"
+               if layout.metrics_socket.exists() else "")
+            + f"broker config: {layout.broker_config}\nfrontend config: {layout.frontend_config}\n\n"
             f"EncryptionConfiguration for kube-apiserver (--encryption-provider-config):\n---\n"
             f"{encryption_config}")

@@ -217,3 +217,49 @@ def test_a_mechanism_the_token_does_not_offer_is_refused_naming_what_it_offers()
     with pytest.raises(UsageError, match=r"does not offer what aes-gcm needs; it offers: aes-cbc-hmac$"):
         _choose_mechanism(None, None, offered)
     assert _choose_mechanism("aes-cbc-hmac", None, offered).name == "aes-cbc-hmac"
+
+
+def test_a_planted_public_key_beside_a_real_rsa_key_is_never_sealed_to(plugin: Plugin) -> None:
+    """Someone with the PIN adds an RSA public key of their own under the current key's CKA_ID: seeds must
+    still be sealed to the token's own key pair, which the plugin alone can open."""
+    import PyKCS11
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from keysealer.hsm_broker.mechanisms import MECHANISMS
+    from keysealer.hsm_broker.token import find_keys
+    from keysealer.shared.ciphertext import header_for
+
+    key_id = created_key_id(keys(plugin, "rotate", "--mechanism", "rsa-oaep-sha1"))
+    config = plugin.broker_config()
+    os.environ.update(config["token"]["module_env"])
+    lib = PyKCS11.PyKCS11Lib()
+    lib.load(config["token"]["module"])
+    slot = next(s for s in lib.getSlotList(tokenPresent=True)
+                if lib.getTokenInfo(s).label.rstrip(" \x00") == config["token"]["token_label"])
+    session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
+    session.login(plugin.layout.pin.read_text().strip())
+    real = next(k for k in find_keys(session) if k.identity.key_id == key_id)
+    attacker = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key().public_numbers()
+    session.createObject([
+        (PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY), (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_RSA),
+        (PyKCS11.CKA_TOKEN, True), (PyKCS11.CKA_ENCRYPT, True), (PyKCS11.CKA_LABEL, real.identity.label),
+        (PyKCS11.CKA_ID, real.identity.token_object_id),
+        (PyKCS11.CKA_MODULUS, attacker.n.to_bytes(384, "big")), (PyKCS11.CKA_PUBLIC_EXPONENT, b"\x01\x00\x01"),
+    ])
+    # The key as the broker finds it: sealed to the token's own public key, which the private half opens.
+    found = next(k for k in find_keys(session) if k.identity.key_id == key_id)
+    mechanism = MECHANISMS[found.identity.mechanism]
+    header = header_for(found.identity.mechanism, found.identity.key_ref)
+    sealed = mechanism.seal(session, found.objects, header, b"s" * 32)
+    assert mechanism.open(session, found.objects, header, sealed) == b"s" * 32
+    assert plugin.broker is not None
+    os.kill(plugin.broker.pid, signal.SIGHUP)
+    wait_for_status_key(plugin, key_id)
+    time.sleep(1)  # both workers re-read the key set with the planted object in it
+    for _ in range(6):
+        seed = os.urandom(32)
+        encrypted = plugin.encrypt(seed)
+        assert encrypted.key_id == key_id
+        assert plugin.decrypt(encrypted) == seed  # sealed to the token's pair, not the attacker's
+    session.logout()
+    session.closeSession()
