@@ -175,6 +175,10 @@ def scratch_root(tmp_path: Path, with_dropin: bool = False) -> Path:
     for exe in ("keysealer-broker", "keysealer-frontend", "keysealer"):
         (bindir / exe).write_text("#!/bin/sh\nexit 0\n")
         (bindir / exe).chmod(0o755)
+    # Other programs the units run (ExecReload=/bin/kill).
+    (root / "bin").mkdir()
+    (root / "bin" / "kill").write_text("#!/bin/sh\nexit 0\n")
+    (root / "bin" / "kill").chmod(0o755)
     for dist in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
         if dist.is_dir():
             shutil.copytree(dist, root / "usr" / "lib" / "systemd" / "system", symlinks=True)
