@@ -46,6 +46,7 @@ from typing import Any
 
 import grpc
 import yaml
+from proc_info import child_pids, socket_owner  # a sibling module: run as python benchmarks/...
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
 from keysealer.shared.dev import DevLayout, prepare
@@ -157,30 +158,6 @@ def system_cpu() -> tuple[float, float]:
     return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
-def child_pids(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def socket_owner(path: Path) -> int | None:
-    """The pid holding the listening Unix socket at path (for --socket without --frontend-pid)."""
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-            parts = line.split()
-            if len(parts) >= 8 and parts[7] == str(path):
-                inodes.add(f"socket:[{parts[6]}]")
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) in inodes:
-                        return int(proc.name)
-    return None
 
 
 def find_broker_pid() -> int | None:
@@ -798,11 +775,12 @@ async def open_broker_client(frontend_config: Path) -> Any:
     """The frontend's own BrokerClient, built as keysealer/frontend/server.py builds it, in this process."""
     from keysealer.frontend.broker_client import BrokerClient
     from keysealer.frontend.config import load_frontend_config
+    from keysealer.frontend.metrics import Metrics
     from keysealer.shared.ipc_keys import load_keypair, load_public_key
 
     config = load_frontend_config(frontend_config)
     client = BrokerClient(config.broker.socket, load_keypair(config.broker.client_key),
-                          load_public_key(config.broker.server_key))
+                          load_public_key(config.broker.server_key), Metrics())
     await client.start()
     deadline = time.monotonic() + 5.0
     while not client.connected and time.monotonic() < deadline:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
+from proc_info import child_pids, socket_owner  # a sibling module: run as python benchmarks/...
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
 
@@ -71,12 +72,6 @@ def proc_status_kib(pid: int, name: str) -> int | None:
     return None
 
 
-def child_pids(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
 
 def cmdline(pid: int) -> list[str]:
     try:
@@ -103,24 +98,6 @@ def find_broker(config: Path | None) -> int | None:
         found.append(pid)
     return found[0] if len(found) == 1 else None
 
-
-def socket_owner(path: Path) -> int | None:
-    """The pid listening on the Unix socket at path (the frontend)."""
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-            parts = line.split()
-            if len(parts) >= 8 and parts[7] == str(path):
-                inodes.add(f"socket:[{parts[6]}]")
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) in inodes:
-                        return int(proc.name)
-    return None
 
 
 @dataclass
