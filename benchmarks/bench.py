@@ -46,7 +46,7 @@ from typing import Any
 
 import grpc
 import yaml
-from proc_info import child_pids, socket_owner  # a sibling module: run as python benchmarks/...
+from proc_info import child_pids, proc_status_kib, socket_owner  # a sibling module: run as python benchmarks/...
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
 from keysealer.shared.dev import DevLayout, prepare
@@ -112,17 +112,6 @@ main()
 
 # ---------------------------------------------------------------------------------------------------------
 # /proc readings
-
-
-def proc_status_kib(pid: int, name: str) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1])
-    return None
 
 
 def cpu_seconds(pid: int) -> float | None:

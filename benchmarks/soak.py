@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
-from proc_info import child_pids, socket_owner  # a sibling module: run as python benchmarks/...
+from proc_info import child_pids, proc_status_kib, socket_owner  # a sibling module: run as python benchmarks/...
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
 
@@ -59,17 +59,6 @@ Stub: TypeAlias = api_pb2_grpc.KeyManagementServiceStub
 
 # ---------------------------------------------------------------------------------------------------------
 # Processes
-
-
-def proc_status_kib(pid: int, name: str) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1])
-    return None
 
 
 
