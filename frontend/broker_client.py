@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _NOT_CONNECTED = "broker unreachable"
 REFUSED_RETRY_FIRST_SECONDS = 1.0
 REFUSED_RETRY_MAX_SECONDS = 30.0
+FAILED_HANDSHAKES_BEFORE_REPORTING = 3
 R = TypeVar("R")
 
 
@@ -58,6 +59,7 @@ class BrokerClient:
         self.refused = False  # the broker rejected our credentials at the last handshake
         self._refused_backoff = REFUSED_RETRY_FIRST_SECONDS
         self._retry: asyncio.Task[None] | None = None
+        self._failed_handshakes = 0
         # Counts lost connections: a health probe only vouches for the connection it ran on.
         self.connection_epoch = 0
 
@@ -134,6 +136,7 @@ class BrokerClient:
                 self.connected = True
                 self.refused = False
                 self._refused_backoff = REFUSED_RETRY_FIRST_SECONDS
+                self._failed_handshakes = 0
                 log.info("connected to the broker")
             elif event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 if not self.refused:
@@ -146,9 +149,22 @@ class BrokerClient:
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 if self.connected:  # once per lost connection, not once per failed reconnect
                     log.warning("lost the connection to the broker")
+                    self._failed_handshakes = 0
+                else:
+                    self._note_failed_handshake()
                 self.connected = False
                 self.connection_epoch += 1
                 self._fail_pending("lost the connection to the broker")
+
+    def _note_failed_handshake(self) -> None:
+        """A connection that closes before its handshake completed: the broker could not read our CURVE
+        hello, which means broker.server_key is not the broker's key (a refusal by the broker's ZAP handler
+        is reported as such instead)."""
+        self._failed_handshakes += 1
+        if self._failed_handshakes == FAILED_HANDSHAKES_BEFORE_REPORTING and not self.refused:
+            log.error("the CURVE handshake with the broker keeps failing: check that broker.server_key is the "
+                      "broker's public key")
+            self.refused = True
 
     async def _reconnect_later(self) -> None:
         await asyncio.sleep(self._refused_backoff)

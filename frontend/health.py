@@ -25,6 +25,7 @@ _SOFT_FAILURES = frozenset({ErrorCode.BUSY})
 KEY_REFRESH_MIN_SECONDS = 1.0
 UNHEALTHY_RETRY_SECONDS = 0.5
 HARD_TIMEOUTS = 2
+FIRST_PROBE_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,11 @@ class HealthMonitor:
         return False
 
     async def _run(self) -> None:
+        # The first probe waits (briefly) for the handshake, rather than report a broker that is merely
+        # still being dialled as unreachable.
+        deadline = time.monotonic() + FIRST_PROBE_WAIT_SECONDS
+        while not self._client.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         while True:
             await self.probe()
             interval = self._config.probe_interval_seconds

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,3 +200,40 @@ def test_broker_serves_correctly_after_the_fuzzing(dealer: zmq.Socket[bytes], sh
         dealer.recv()  # replies to fuzzed requests still in flight
     _round_trip(dealer)
     assert shared_plugin.broker is not None and shared_plugin.broker.poll() is None
+
+
+def test_a_frontend_with_the_wrong_broker_key_says_so(state_dir: Path) -> None:
+    import contextlib
+
+    import grpc
+
+    plugin = Plugin(state_dir)
+    # The frontend's own public key instead of the broker's: its CURVE hello cannot be read by the broker.
+    plugin.configure(frontend={"broker": {"server_key": str(plugin.layout.ipc_key("frontend", PUBLIC_SUFFIX))}})
+    plugin.start_broker()
+    plugin.start_frontend()
+    try:
+        deadline, healthz = time.monotonic() + 20, ""
+        while healthz != "broker refused our IPC credentials":
+            assert time.monotonic() < deadline, healthz
+            time.sleep(0.2)
+            with contextlib.suppress(grpc.RpcError):
+                healthz = plugin.status().healthz
+        assert "check that broker.server_key is the broker's public key" in plugin.log("frontend.log")
+    finally:
+        plugin.stop()
+
+
+def test_a_frontend_started_after_its_broker_logs_no_probe_failure(state_dir: Path) -> None:
+    plugin = Plugin(state_dir)
+    plugin.start_broker()
+    deadline = time.monotonic() + 20
+    while not plugin.layout.broker_socket.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    plugin.start_frontend()
+    try:
+        plugin.wait_healthy()
+        assert "health probe failed" not in plugin.log("frontend.log")  # no false alarm while dialling
+    finally:
+        plugin.stop()
