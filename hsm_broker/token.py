@@ -196,9 +196,7 @@ def _born_in_token(session: Any, handle: Any, object_id: bytes) -> bool:
 class Token:
     """A logged-in session with the key handles it found; one per worker process, used by one thread."""
 
-    def __init__(self, config: TokenConfig, current_label: str, lib: PyKCS11.PyKCS11Lib, slot: int,
-                 session: Any) -> None:
-        self._config = config
+    def __init__(self, current_label: str, lib: PyKCS11.PyKCS11Lib, slot: int, session: Any) -> None:
         self._current_label = current_label
         self._lib = lib
         self._slot = slot
@@ -305,5 +303,5 @@ def open_token(config: TokenConfig, current_label: str, pin: bytearray) -> Token
     lib = load_module(config)
     slot = find_slot(lib, config)
     session = open_user_session(lib, slot, pin)
-    return Token(config, current_label, lib, slot, session)
+    return Token(current_label, lib, slot, session)
 

@@ -168,7 +168,7 @@ def _check(message: dict[str, Any], spec: dict[str, _FieldSpec], request_id: int
         # `type is` rather than isinstance: a bool must not pass for an int.
         if type(value) is not kind:
             raise SchemaError(f"field {name!r} must be {kind.__name__}", request_id)
-        size: int = value if isinstance(value, int) else len(cast("Sized", value))
+        size: int = value if isinstance(value, int) else len(cast(Sized, value))
         if not low <= size <= high:
             raise SchemaError(f"field {name!r} out of range", request_id)
 
