@@ -259,13 +259,7 @@ class Supervisor:
         job, slot.job, slot.pid = slot.job, None, 0
         self._refresh_current_key()
         if job is not None:
-            # Wrap and unwrap are idempotent, so a request lost with its worker is safe to run again once.
-            if not job.retried and time.monotonic() < job.expires:
-                job.retried = True
-                self._queue.appendleft(job)
-            else:
-                self._reply_error(job.client, job.request_id, job.op, ErrorCode.WORKER_LOST,
-                                  "broker worker exited during the call")
+            self._retry_or_fail(job, ErrorCode.WORKER_LOST, "broker worker exited during the call")
         if not restart:
             return
         if fatal:
@@ -293,6 +287,14 @@ class Supervisor:
             if slot.pid:
                 self._pending_control.append(slot.routing_id)
 
+    def _retry_or_fail(self, job: Job, code: ErrorCode, message: str) -> None:
+        # Wrap and unwrap are idempotent, so a request its worker did not finish is safe to run again once.
+        if not job.retried and time.monotonic() < job.expires:
+            job.retried = True
+            self._queue.appendleft(job)
+        else:
+            self._reply_error(job.client, job.request_id, job.op, code, message)
+
     def _on_worker_message(self, frames: list[bytes]) -> None:
         routing_id, kind, *rest = frames
         slot = next((s for s in self._slots if s.pid and s.routing_id == routing_id), None)
@@ -302,6 +304,10 @@ class Supervisor:
             client, reply = rest
             self._front.send_multipart([client, reply])
             slot.job = None
+        elif kind == worker_protocol.RETURN_JOB:
+            job, slot.job = slot.job, None
+            if job is not None:
+                self._retry_or_fail(job, ErrorCode.TOKEN_UNAVAILABLE, "broker worker lost the token")
         elif kind == worker_protocol.STATUS:
             slot.status = worker_protocol.decode_status(rest[0])
             self._refresh_current_key()

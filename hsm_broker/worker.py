@@ -152,18 +152,19 @@ class Worker:
         if frames == [worker_protocol.REFRESH_KEYS]:
             self._refresh_keys(0.0)
             return
+        token = self._token
+        if token is None:  # handed to us just as we lost the token: someone else can run it
+            self._socket.send(worker_protocol.RETURN_JOB)
+            return
         client, frame, wrap_key_id = frames
         request = ipc_schema.decode_request(frame)  # the supervisor validated it already
         op = ipc_schema.op_of(request)
-        reply = self._handle(request, wrap_key_id.decode())
+        reply = self._handle(token, request, wrap_key_id.decode())
         self._socket.send_multipart([worker_protocol.REPLY, client, ipc_schema.encode_reply(reply, op)])
         if self._token is None:
             self._report("failed", "token session lost; reopening")
 
-    def _handle(self, request: ipc_schema.Request, wrap_key_id: str) -> ipc_schema.Reply:
-        token = self._token
-        if token is None:
-            return ipc_schema.ErrorReply(request.id, ErrorCode.TOKEN_UNAVAILABLE, "token not open")
+    def _handle(self, token: Token, request: ipc_schema.Request, wrap_key_id: str) -> ipc_schema.Reply:
         try:
             try:
                 reply = self._perform(token, request, wrap_key_id)

@@ -12,6 +12,8 @@ import msgpack
 STATUS = b"S"
 REPLY = b"R"
 REFRESH_KEYS = b"K"
+# "I lost the token before I could start on the request you gave me: give it to another worker."
+RETURN_JOB = b"B"
 
 
 def worker_routing_id(pid: int) -> bytes:

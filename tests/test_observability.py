@@ -53,8 +53,13 @@ def test_metrics_count_calls_by_method_and_code_with_bounded_labels(plugin: Plug
     plugin.decrypt(encrypted)
     with contextlib.suppress(grpc.RpcError):  # the refusal is what is counted below
         plugin.stub.Decrypt(api_pb2.DecryptRequest(ciphertext=b"x", key_id=encrypted.key_id), timeout=3)
-    status, text = get(plugin, "/metrics")
-    assert status == 200
+    deadline = time.monotonic() + 20
+    while True:  # the gauge follows the health probe: wait for it to have seen both workers ready
+        status, text = get(plugin, "/metrics")
+        assert status == 200
+        if metric(text, "keysealer_broker_workers", state="ready") == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert metric(text, "keysealer_requests_total", method="Encrypt", code="OK") == 4
     assert metric(text, "keysealer_requests_total", method="Decrypt", code="OK") == 1
     assert metric(text, "keysealer_requests_total", method="Decrypt", code="INVALID_ARGUMENT") == 1

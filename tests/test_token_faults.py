@@ -76,9 +76,10 @@ def test_a_session_left_with_an_active_operation_is_replaced(faulty: tuple[Plugi
 def test_lost_login_costs_at_most_one_call_per_worker(faulty: tuple[Plugin, FaultControl]) -> None:
     plugin, faults = faulty
     load, fired = _under_load(plugin, faults, "C_Encrypt", "CKR_USER_NOT_LOGGED_IN", count=1)
-    assert fired == 1 and len(load.failures()) <= 1
     plugin.wait_healthy(RECOVERY_SECONDS)
     load.check(DEADLINE)
+    # Only the call that hit the fault: requests already queued at that worker go to the other one.
+    assert fired == 1 and len(load.failures()) <= 1
 
 
 def test_device_gone_then_back_unhealthy_meanwhile_then_recovered(faulty: tuple[Plugin, FaultControl]) -> None:
