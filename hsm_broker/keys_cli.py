@@ -120,6 +120,13 @@ def _destroy(session: Any, key: TokenKey) -> None:
             session.destroyObject(handle)
 
 
+def print_new_id(mechanism: str) -> int:
+    """For tokens whose keys only their own tool can generate (TPM 2.0: tpm2_ptool addkey --id): the id
+    that marks the objects as one KeySealer key; give every object of the key the same id and label."""
+    print(new_token_object_id(BY_NAME[mechanism].mechanism).hex())
+    return EXIT_OK
+
+
 def rotate_key(config_path: Path, mechanism: str | None = None) -> int:
     """A new version of the current label: running brokers wrap under it within seconds."""
     code = create_key(config_path, None, mechanism=mechanism)

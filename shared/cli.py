@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     retire.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     listing = keys.add_parser("list", help="list KeySealer keys: key_id, label, creation time, state")
     listing.add_argument("--config", type=Path, required=True, help="broker YAML config")
+    new_id = keys.add_parser("new-id", help="print a fresh CKA_ID (hex) for a key made by the token's own tool")
+    new_id.add_argument("--mechanism", choices=mechanisms, required=True,
+                        help="how the key will seal seeds (recorded in the id)")
     init = keys.add_parser("init-token", help="initialise a software token with the configured label")
     init.add_argument("--config", type=Path, required=True, help="broker YAML config")
     init.add_argument("--so-pin-file", type=Path, required=True, help="file holding the new SO PIN (0600)")
@@ -78,6 +81,8 @@ def _run() -> int:
         return keys_cli.list_keys(args.config)
     if args.keys_command == "rotate":
         return keys_cli.rotate_key(args.config, args.mechanism)
+    if args.keys_command == "new-id":
+        return keys_cli.print_new_id(args.mechanism)
     if args.keys_command == "retire":
         return keys_cli.retire_key(args.config, args.key_id, args.force, args.destroy, args.yes)
     return keys_cli.init_token(args.config, args.so_pin_file)
