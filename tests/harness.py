@@ -3,6 +3,7 @@ and the frontend as separate processes, and a gRPC client generated from proto/ 
 
 import base64
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from keysealer.shared.dev import DevLayout, prepare
 from keysealer.shared.ipc_keys import SECRET_SUFFIX, load_keypair
 
 READY_SECONDS = 30.0
+KEY_SWITCH_SECONDS = 20.0  # worker key refresh (5 s) + frontend probe (5 s) + slack
 T = TypeVar("T")
 
 
@@ -60,6 +62,24 @@ class Plugin:
                 data = yaml.safe_load(path.read_text())
                 deep_update(data, changes)
                 path.write_text(yaml.safe_dump(data))
+
+    def use_token(self, provider_state: Path) -> None:
+        """Serve from the token a deploy/providers/NAME/setup.sh made: its token.yaml is the token section."""
+        data = self.broker_config()
+        data["token"] = yaml.safe_load((provider_state / "token.yaml").read_text())
+        self.layout.broker_config.write_text(yaml.safe_dump(data))
+        self.secrets.add((provider_state / "pin").read_bytes().strip())
+
+    def keys(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`keysealer keys ARGS --config` on this plugin's broker config."""
+        return subprocess.run(["keysealer", "keys", *args, "--config", str(self.layout.broker_config)],
+                              capture_output=True, text=True, timeout=120, check=check)
+
+    def wait_for_status_key(self, key_id: str, timeout: float = KEY_SWITCH_SECONDS) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status().key_id != key_id:
+            assert time.monotonic() < deadline, f"Status never reported {key_id}"
+            time.sleep(0.1)
 
     def broker_config(self) -> dict[str, Any]:
         data: dict[str, Any] = yaml.safe_load(self.layout.broker_config.read_text())
@@ -162,6 +182,13 @@ def _stop(process: subprocess.Popen[bytes] | None, signum: int) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def created_key_id(output: str) -> str:
+    """The key_id in what `keysealer keys create/rotate` printed."""
+    found = re.search(r"created key (ks1-[0-9a-f]{32})", output)
+    assert found, output
+    return found.group(1)
 
 
 def child_pids(pid: int) -> list[int]:

@@ -1,7 +1,6 @@
 """Key lifecycle on a real token with the plugin running: rotate in place, retire, destroy, re-create."""
 
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -10,31 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import Plugin
-
-SWITCH_SECONDS = 20.0  # worker refresh (5 s) + frontend probe (5 s) + slack
-
-
-def keys(plugin: Plugin, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["keysealer", "keys", *args, "--config", str(plugin.layout.broker_config)],
-                          capture_output=True, text=True, timeout=60, check=check)
-
-
-def created_key_id(result: subprocess.CompletedProcess[str]) -> str:
-    found = re.search(r"created key (ks1-[0-9a-f]{32})", result.stdout)
-    assert found, result.stdout
-    return found.group(1)
+from harness import KEY_SWITCH_SECONDS, Plugin, created_key_id
 
 
 def states(plugin: Plugin) -> dict[str, str]:
-    return {line.split()[0]: line.split()[-1] for line in keys(plugin, "list").stdout.splitlines()[1:]}
-
-
-def wait_for_status_key(plugin: Plugin, key_id: str) -> None:
-    deadline = time.monotonic() + SWITCH_SECONDS
-    while plugin.status().key_id != key_id:
-        assert time.monotonic() < deadline, f"Status never reported {key_id}"
-        time.sleep(0.1)
+    return {line.split()[0]: line.split()[-1] for line in plugin.keys("list").stdout.splitlines()[1:]}
 
 
 def test_rotation_under_load_fails_no_call_and_status_never_leads_encrypt(plugin: Plugin) -> None:
@@ -66,8 +45,8 @@ def test_rotation_under_load_fails_no_call_and_status_never_leads_encrypt(plugin
         thread.start()
     try:
         for _ in range(2):
-            order.append(created_key_id(keys(plugin, "rotate")))
-            wait_for_status_key(plugin, order[-1])
+            order.append(created_key_id(plugin.keys("rotate").stdout))
+            plugin.wait_for_status_key(order[-1])
             time.sleep(1)
     finally:
         stop.set()
@@ -92,10 +71,10 @@ def test_old_ciphertexts_decrypt_after_several_rotations(plugin: Plugin) -> None
     for _ in range(3):
         seed = os.urandom(32)
         ledger.append((seed, plugin.encrypt(seed)))
-        new_key = created_key_id(keys(plugin, "rotate"))
+        new_key = created_key_id(plugin.keys("rotate").stdout)
         assert plugin.broker is not None
         os.kill(plugin.broker.pid, signal.SIGHUP)  # switch now instead of within 5 s
-        wait_for_status_key(plugin, new_key)
+        plugin.wait_for_status_key(new_key)
     assert len({encrypted.key_id for _, encrypted in ledger}) == 3
     for seed, encrypted in ledger:
         assert plugin.decrypt(encrypted) == seed
@@ -106,14 +85,14 @@ def test_old_ciphertexts_decrypt_after_several_rotations(plugin: Plugin) -> None
 def test_retired_keys_refuse_and_the_current_key_needs_force(plugin: Plugin) -> None:
     seed = os.urandom(32)
     old = plugin.encrypt(seed)
-    new_key = created_key_id(keys(plugin, "rotate"))
-    refused = keys(plugin, "retire", new_key, check=False)
+    new_key = created_key_id(plugin.keys("rotate").stdout)
+    refused = plugin.keys("retire", new_key, check=False)
     assert refused.returncode == 2 and "is the current key" in refused.stderr
-    keys(plugin, "retire", old.key_id)
+    plugin.keys("retire", old.key_id)
     assert states(plugin) == {old.key_id: "retired", new_key: "current"}
     assert plugin.broker is not None
     os.kill(plugin.broker.pid, signal.SIGHUP)
-    deadline = time.monotonic() + SWITCH_SECONDS
+    deadline = time.monotonic() + KEY_SWITCH_SECONDS
     while True:
         try:
             plugin.decrypt(old)
@@ -126,13 +105,13 @@ def test_retired_keys_refuse_and_the_current_key_needs_force(plugin: Plugin) -> 
 
 def test_retiring_the_current_key_never_falls_back_to_an_older_one(plugin: Plugin) -> None:
     first = plugin.status().key_id
-    second = created_key_id(keys(plugin, "rotate"))
+    second = created_key_id(plugin.keys("rotate").stdout)
     assert plugin.broker is not None
     os.kill(plugin.broker.pid, signal.SIGHUP)
-    wait_for_status_key(plugin, second)
-    keys(plugin, "retire", second, "--force")
+    plugin.wait_for_status_key(second)
+    plugin.keys("retire", second, "--force")
     os.kill(plugin.broker.pid, signal.SIGHUP)
-    deadline = time.monotonic() + SWITCH_SECONDS
+    deadline = time.monotonic() + KEY_SWITCH_SECONDS
     while plugin.status().healthz == "ok":
         assert time.monotonic() < deadline
         time.sleep(0.2)
@@ -140,25 +119,25 @@ def test_retiring_the_current_key_never_falls_back_to_an_older_one(plugin: Plugi
     with pytest.raises(grpc.RpcError) as failure:
         plugin.encrypt(os.urandom(32))
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
-    third = created_key_id(keys(plugin, "rotate"))
+    third = created_key_id(plugin.keys("rotate").stdout)
     os.kill(plugin.broker.pid, signal.SIGHUP)
-    wait_for_status_key(plugin, third)
+    plugin.wait_for_status_key(third)
     assert plugin.wait_healthy().key_id == third
 
 
 def test_key_ids_are_unique_across_create_rotate_retire_and_recreate(plugin: Plugin) -> None:
     seen = [plugin.status().key_id]
-    seen.append(created_key_id(keys(plugin, "rotate")))
-    seen.append(created_key_id(keys(plugin, "create", "--label", "spare")))
-    keys(plugin, "retire", seen[-1], "--destroy", "--yes")
-    seen.append(created_key_id(keys(plugin, "create", "--label", "spare")))  # the same label again
+    seen.append(created_key_id(plugin.keys("rotate").stdout))
+    seen.append(created_key_id(plugin.keys("create", "--label", "spare").stdout))
+    plugin.keys("retire", seen[-1], "--destroy", "--yes")
+    seen.append(created_key_id(plugin.keys("create", "--label", "spare").stdout))  # the same label again
     assert len(set(seen)) == len(seen)
     listed = states(plugin)
     assert seen[2] not in listed and listed[seen[3]] == "decrypt-only"
 
 
 def test_destroy_without_confirmation_is_refused(plugin: Plugin, tmp_path: Path) -> None:
-    spare = created_key_id(keys(plugin, "create", "--label", "spare"))
+    spare = created_key_id(plugin.keys("create", "--label", "spare").stdout)
     result = subprocess.run(["keysealer", "keys", "retire", spare, "--destroy", "--config",
                              str(plugin.layout.broker_config)], stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=60, check=False)
@@ -174,10 +153,10 @@ def test_every_mechanism_round_trips_stays_under_the_limit_and_refuses_tampering
 
     ledger = []
     for mechanism in MECHANISMS_ON_SOFTHSM:
-        key_id = created_key_id(keys(plugin, "rotate", "--mechanism", mechanism))
+        key_id = created_key_id(plugin.keys("rotate", "--mechanism", mechanism).stdout)
         assert plugin.broker is not None
         os.kill(plugin.broker.pid, signal.SIGHUP)
-        wait_for_status_key(plugin, key_id)
+        plugin.wait_for_status_key(key_id)
         for size in (1, 32, 256):  # the apiserver sends 32; the bounds of what the plugin accepts
             seed = os.urandom(size)
             encrypted = plugin.encrypt(seed)
@@ -190,7 +169,7 @@ def test_every_mechanism_round_trips_stays_under_the_limit_and_refuses_tampering
             with pytest.raises(grpc.RpcError) as failure:
                 plugin.stub.Decrypt(api_pb2.DecryptRequest(ciphertext=bytes(tampered), key_id=key_id), timeout=3)
             assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (mechanism, position)
-    listed = keys(plugin, "list").stdout
+    listed = plugin.keys("list").stdout
     for mechanism in MECHANISMS_ON_SOFTHSM:
         assert f" {mechanism} " in listed
     for seed, encrypted in ledger:  # a rotation may change the mechanism: every old key keeps working
@@ -200,7 +179,7 @@ def test_every_mechanism_round_trips_stays_under_the_limit_and_refuses_tampering
 def test_a_mechanism_the_token_cannot_run_is_refused_and_leaves_no_key(plugin: Plugin) -> None:
     before = states(plugin)
     # SoftHSM 2.6 lists CKM_RSA_PKCS_OAEP but answers CKR_ARGUMENTS_BAD to OAEP with SHA-256.
-    result = keys(plugin, "create", "--label", "oaep", "--mechanism", "rsa-oaep", check=False)
+    result = plugin.keys("create", "--label", "oaep", "--mechanism", "rsa-oaep", check=False)
     assert result.returncode != 0
     assert "failed its self-test (CKR_ARGUMENTS_BAD) and was removed" in result.stderr
     assert states(plugin) == before
@@ -229,7 +208,7 @@ def test_a_planted_public_key_beside_a_real_rsa_key_is_never_sealed_to(plugin: P
     from keysealer.hsm_broker.token import find_keys
     from keysealer.shared.ciphertext import header_for
 
-    key_id = created_key_id(keys(plugin, "rotate", "--mechanism", "rsa-oaep-sha1"))
+    key_id = created_key_id(plugin.keys("rotate", "--mechanism", "rsa-oaep-sha1").stdout)
     config = plugin.broker_config()
     os.environ.update(config["token"]["module_env"])
     lib = PyKCS11.PyKCS11Lib()
@@ -254,7 +233,7 @@ def test_a_planted_public_key_beside_a_real_rsa_key_is_never_sealed_to(plugin: P
     assert mechanism.open(session, found.objects, header, sealed) == b"s" * 32
     assert plugin.broker is not None
     os.kill(plugin.broker.pid, signal.SIGHUP)
-    wait_for_status_key(plugin, key_id)
+    plugin.wait_for_status_key(key_id)
     time.sleep(1)  # both workers re-read the key set with the planted object in it
     for _ in range(6):
         seed = os.urandom(32)
