@@ -126,11 +126,15 @@ class FaultControl:
         os.close(fd)
         os.chmod(self.state_path, 0o666)
 
-    def module_env(self, real_module: Path | str, debug: bool = False) -> dict[str, str]:
-        """What the wrapper needs in the environment of the process that loads it."""
+    def module_env(self, real_module: Path | str, debug: bool = False,
+                   cryptoki_version: str | None = None) -> dict[str, str]:
+        """What the wrapper needs in the environment of the process that loads it; cryptoki_version
+        ("3.0") is what C_GetInfo then reports instead of the real module's version."""
         env = {"PKCS11_FAULTS_MODULE": str(real_module), "PKCS11_FAULTS_CONTROL": str(self.path)}
         if debug:
             env["PKCS11_FAULTS_DEBUG"] = "1"
+        if cryptoki_version:
+            env["PKCS11_FAULTS_CRYPTOKI_VERSION"] = cryptoki_version
         return env
 
     # -- cues -----------------------------------------------------------------------------------------------
@@ -237,7 +241,8 @@ class FaultControl:
         return sum(c.fired for c in self.counts() if function is None or c.cue.split()[0] == function)
 
 
-def install(plugin: Any, control: Path | str, debug: bool = False) -> FaultControl:
+def install(plugin: Any, control: Path | str, debug: bool = False,
+            cryptoki_version: str | None = None) -> FaultControl:
     """Put the wrapper in front of the token module of a tests/harness.py Plugin (call before start()).
     The broker keeps its module_env (SOFTHSM2_CONF); the wrapper gets the real module's path."""
     config = plugin.broker_config()
@@ -245,5 +250,5 @@ def install(plugin: Any, control: Path | str, debug: bool = False) -> FaultContr
     if Path(real).name.startswith("pkcs11_faults"):
         real = config["token"]["module_env"]["PKCS11_FAULTS_MODULE"]
     faults = FaultControl(control)
-    plugin.configure(broker={"token": {"module": str(build()), "module_env": faults.module_env(real, debug)}})
+    plugin.configure(broker={"token": {"module": str(build()), "module_env": faults.module_env(real, debug, cryptoki_version)}})
     return faults

@@ -54,6 +54,11 @@
  *
  * $PKCS11_FAULTS_DEBUG=1 prints each fired cue on stderr.
  *
+ * $PKCS11_FAULTS_CRYPTOKI_VERSION=MAJOR.MINOR (e.g. 3.0, 2.20) makes C_GetInfo report that Cryptoki version
+ * instead of the real module's: how a caller copes with modules of other versions, where no such module
+ * can be installed (Debian 12 has no PKCS #11 3.x module). Like a 3.x module, it still serves
+ * C_GetFunctionList.
+ *
  * Build: gcc -shared -fPIC -O2 -I/usr/include/p11-kit-1 pkcs11_faults.c -o pkcs11_faults.so -ldl -lpthread
  * (tests/pkcs11_faults/__init__.py does it.)
  */
@@ -741,7 +746,17 @@ static CK_RV w_C_CloseAllSessions(CK_SLOT_ID slot) {
 
 static CK_RV w_C_GetFunctionList(CK_FUNCTION_LIST **list);
 
-WRAP(C_GetInfo, NO_SESSION, (CK_INFO *info), (info))
+static CK_VERSION reported_version; /* {0, 0}: report the real module's */
+
+static CK_RV w_C_GetInfo(CK_INFO *info) {
+    struct pending p;
+    CK_RV rv;
+    if (before(FI_C_GetInfo, NO_SESSION, &p, &rv)) return rv;
+    rv = real->C_GetInfo(info);
+    if (rv == CKR_OK && info && reported_version.major) info->cryptokiVersion = reported_version;
+    return after(&p, NO_SESSION, rv);
+}
+
 WRAP(C_GetSlotList, NO_SESSION, (unsigned char present, CK_SLOT_ID *list, unsigned long *count),
      (present, list, count))
 WRAP(C_GetSlotInfo, NO_SESSION, (CK_SLOT_ID slot, CK_SLOT_INFO *info), (slot, info))
@@ -855,7 +870,15 @@ static void load_real(void) {
     const char *module = getenv("PKCS11_FAULTS_MODULE");
     const char *control = getenv("PKCS11_FAULTS_CONTROL");
     const char *dbg = getenv("PKCS11_FAULTS_DEBUG");
+    const char *version = getenv("PKCS11_FAULTS_CRYPTOKI_VERSION");
     debug = dbg && *dbg && strcmp(dbg, "0") != 0;
+    unsigned major, minor;
+    if (version && sscanf(version, "%u.%u", &major, &minor) == 2 && major > 0 && major < 256 && minor < 256) {
+        reported_version.major = (CK_BYTE)major;
+        reported_version.minor = (CK_BYTE)minor;
+    } else if (version && *version) {
+        say("PKCS11_FAULTS_CRYPTOKI_VERSION=%s is not MAJOR.MINOR: ignored", version);
+    }
     if (control && *control) {
         control_path = strdup(control);
         size_t n = strlen(control) + sizeof ".state";
