@@ -82,3 +82,10 @@ def newest_with_label(keys: list[KeyIdentity], label: str) -> KeyIdentity | None
     candidates = [k for k in keys if k.label == label]
     # Ties in the creation second are broken by the id so every broker picks the same key.
     return max(candidates, key=lambda k: (k.created, k.token_object_id), default=None)
+
+
+def version_state(version: KeyVersion, current: KeyVersion | None) -> str:
+    """What a key serves for: "current" (wraps and unwraps), "decrypt-only", or "retired" (nothing)."""
+    if version.retired:
+        return "retired"
+    return "current" if current is not None and version.identity == current.identity else "decrypt-only"

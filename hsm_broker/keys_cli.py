@@ -17,10 +17,10 @@ import PyKCS11
 from keysealer.hsm_broker.config import BrokerConfig, load_broker_config
 from keysealer.hsm_broker.key_naming import (
     KeyIdentity,
-    KeyVersion,
     current_version,
     new_token_object_id,
     newest_with_label,
+    version_state,
 )
 from keysealer.hsm_broker.mechanisms import BY_NAME, MECHANISMS, KeyMechanism, offered_by
 from keysealer.hsm_broker.pin import read_pin, read_pin_file
@@ -32,6 +32,7 @@ from keysealer.hsm_broker.token import (
     find_keys,
     find_slot,
     load_module,
+    offered_mechanisms,
     open_user_session,
 )
 from keysealer.shared.ciphertext import Mechanism, header_for
@@ -51,8 +52,7 @@ def _user_session(config: BrokerConfig) -> Iterator[_OpenToken]:
         lib = load_module(config.token)
         slot = find_slot(lib, config.token)
         session = open_user_session(lib, slot, pin, rw=True)
-        # PyKCS11 names the mechanisms; vendor-defined ones it cannot name are of no use to us anyway.
-        offered = {PyKCS11.CKM[m] for m in lib.getMechanismList(slot) if isinstance(PyKCS11.CKM.get(m), int)}
+        offered = offered_mechanisms(lib, slot)
     except BadPin as exc:
         raise FatalError(str(exc), EXIT_BAD_PIN) from None
     except TokenUnavailable as exc:
@@ -134,12 +134,6 @@ def rotate_key(config_path: Path, mechanism: str | None = None) -> int:
     return code
 
 
-def _state(key: TokenKey, current: KeyVersion | None) -> str:
-    if key.retired:
-        return "retired"
-    return "current" if current is not None and key.identity == current.identity else "decrypt-only"
-
-
 def list_keys(config_path: Path) -> int:
     config = load_broker_config(config_path)
     with _user_session(config) as token:
@@ -149,8 +143,8 @@ def list_keys(config_path: Path) -> int:
     for key in sorted(keys, key=lambda k: (k.identity.created, k.identity.token_object_id)):
         identity = key.identity
         created = datetime.datetime.fromtimestamp(identity.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        mechanism = MECHANISMS[identity.mechanism].name
-        print(f"{identity.key_id:<36}  {identity.label:<24}  {created:<20}  {mechanism:<14}  {_state(key, current)}")
+        mechanism, state = MECHANISMS[identity.mechanism].name, version_state(key, current)
+        print(f"{identity.key_id:<36}  {identity.label:<24}  {created:<20}  {mechanism:<14}  {state}")
     return EXIT_OK
 
 

@@ -105,6 +105,12 @@ def open_user_session(lib: PyKCS11.PyKCS11Lib, slot: int, pin: bytearray, rw: bo
     return session
 
 
+def offered_mechanisms(lib: PyKCS11.PyKCS11Lib, slot: int) -> set[int]:
+    """The CKM_* mechanisms the token offers. PyKCS11 names them; vendor-defined ones it cannot name are of
+    no use to KeySealer anyway."""
+    return {PyKCS11.CKM[m] for m in lib.getMechanismList(slot) if isinstance(PyKCS11.CKM.get(m), int)}
+
+
 @dataclass(frozen=True, slots=True)
 class TokenKey(KeyVersion):
     objects: KeyObjects  # handles, valid only in this process and login

@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--dir", type=Path, required=True, help="directory for NAME.key and NAME.key_secret")
     keygen.add_argument("--name", required=True, help="file name stem, e.g. frontend or broker")
 
+    doctor = commands.add_parser("doctor", help="check a broker's token, PIN, keys and files; print a fix for "
+                                 "each failure")
+    doctor.add_argument("--config", type=Path, required=True, help="broker YAML config")
+    doctor.add_argument("--frontend-config", type=Path, help="frontend YAML config, to check its files too")
+
     keys = commands.add_parser("keys", help="manage the keys in the token").add_subparsers(
         dest="keys_command", required=True)
     create = keys.add_parser("create", help="generate a new key in the token")
@@ -73,6 +78,10 @@ def _run() -> int:
         from keysealer.frontend.status_cli import print_status
 
         return print_status(args.socket, args.timeout, args.liveness)
+    if args.command == "doctor":
+        from keysealer.hsm_broker.doctor import run_doctor
+
+        return run_doctor(args.config, args.frontend_config)
     from keysealer.hsm_broker import keys_cli
 
     if args.keys_command == "create":
