@@ -4,6 +4,7 @@ frontend processes, real sockets) serving from that provider's token, set up by 
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,3 +111,12 @@ def test_a_restarted_broker_decrypts_what_it_sealed_before(served: ProviderPlugi
     plugin.start_broker()
     plugin.wait_healthy()
     assert plugin.decrypt(encrypted) == seed
+
+
+def test_doctor_passes_every_check(served: ProviderPlugin) -> None:
+    plugin = served.plugin
+    doctor = subprocess.run(["keysealer", "doctor", "--config", str(plugin.layout.broker_config),
+                             "--frontend-config", str(plugin.layout.frontend_config)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "FAIL" not in doctor.stdout and served.provider.mechanism in doctor.stdout
