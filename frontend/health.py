@@ -133,6 +133,7 @@ class HealthMonitor:
     async def _refresh_keys(self) -> None:
         health = await self._client.health(self._timeout)
         self._metrics.set_workers([w.state for w in health.workers])
+        self._metrics.broker.last = health.stats
         self._metrics.set_current_key(health.current_key_id)
         if any(w.state == "ready" for w in health.workers):  # a key set from ready workers: trustworthy
             self._known_key_ids = frozenset(health.key_ids)

@@ -24,6 +24,7 @@ from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.ipc_auth import ZAP_DOMAIN, ZAP_ENDPOINT, PeerPolicy, zap_reply
 from keysealer.hsm_broker.worker_protocol import worker_routing_id
 from keysealer.shared import ipc_schema
+from keysealer.shared.broker_stats import BrokerStats, TokenStats, microseconds
 from keysealer.shared.errors import ErrorCode
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
@@ -70,6 +71,7 @@ class WorkerSlot:
     restart_at: float = 0.0
     status: worker_protocol.WorkerStatus = STARTING
     job: Job | None = None
+    busy_since: float = 0.0  # when it was handed its job
     killed: bool = False
 
     @property
@@ -95,6 +97,10 @@ class Supervisor:
         self._bound_paths: list[Path] = []
         self._current_key_id = ""
         self._pending_control: list[bytes] = []
+        # The broker's measurements since it started: workers' tallies added up (so they outlive the
+        # worker that counted them), and the time workers spent on finished jobs.
+        self._token_stats = TokenStats()
+        self._busy_us = 0
         socket_path = self.config.ipc.socket
         self._worker_dir = socket_path.parent / "workers"
         self._backend = f"ipc://{self._worker_dir / 'backend.sock'}"
@@ -256,7 +262,7 @@ class Supervisor:
         routing_id = slot.routing_id
         if routing_id in self._idle:
             self._idle.remove(routing_id)
-        job, slot.job, slot.pid = slot.job, None, 0
+        job, slot.pid = self._take_job(slot), 0
         self._refresh_current_key()
         if job is not None:
             self._retry_or_fail(job, ErrorCode.WORKER_LOST, "broker worker exited during the call")
@@ -303,14 +309,19 @@ class Supervisor:
         if kind == worker_protocol.REPLY:
             client, reply = rest
             self._front.send_multipart([client, reply])
-            slot.job = None
+            self._take_job(slot)
         elif kind == worker_protocol.RETURN_JOB:
-            job, slot.job = slot.job, None
+            job = self._take_job(slot)
             if job is not None:
                 self._retry_or_fail(job, ErrorCode.TOKEN_UNAVAILABLE, "broker worker lost the token")
         elif kind == worker_protocol.STATUS:
             slot.status = worker_protocol.decode_status(rest[0])
             self._refresh_current_key()
+        elif kind == worker_protocol.STATS:
+            try:
+                self._token_stats.add(worker_protocol.decode_stats(rest[0]))
+            except ValueError as exc:  # msgpack's errors and SchemaError alike
+                log.warning("dropped a malformed tally from worker %s: %s", routing_id.decode(), exc)
         ready = slot.status.state == "ready" and slot.job is None
         if ready and routing_id not in self._idle:
             self._idle.append(routing_id)
@@ -357,15 +368,29 @@ class Supervisor:
                 continue  # its caller gave up already; the token's time is better spent elsewhere
             routing_id = self._idle.popleft()
             slot = next(s for s in self._slots if s.pid and s.routing_id == routing_id)
-            slot.job = job
+            slot.job, slot.busy_since = job, now
             # Every wrap uses the agreed key, whichever worker runs it.
             self._back.send_multipart([routing_id, job.client, job.frame, self._current_key_id.encode()])
+
+    def _take_job(self, slot: WorkerSlot) -> Job | None:
+        """The job a worker no longer serves (answered, handed back, or lost with the worker)."""
+        job, slot.job = slot.job, None
+        if job is not None:
+            self._busy_us += microseconds(time.monotonic() - slot.busy_since)
+        return job
 
     def _health(self, request_id: int) -> ipc_schema.HealthResult:
         ready = [s.status for s in self._slots if s.status.state == "ready"]
         key_ids = list(dict.fromkeys(k for s in ready for k in s.key_ids))  # newest first, as workers list them
         workers = tuple(ipc_schema.WorkerHealth(s.status.state, s.status.reason) for s in self._slots)
-        return ipc_schema.HealthResult(request_id, self._current_key_id, tuple(key_ids), workers)
+        return ipc_schema.HealthResult(request_id, self._current_key_id, tuple(key_ids), workers, self._stats())
+
+    def _stats(self) -> BrokerStats:
+        now = time.monotonic()
+        busy = [s for s in self._slots if s.job is not None]
+        # Jobs still running count up to now, so the total never goes down when they finish.
+        busy_us = self._busy_us + sum(microseconds(now - s.busy_since) for s in busy)
+        return BrokerStats(self._token_stats, len(busy), len(self._idle), busy_us)
 
     def _not_ready_reason(self) -> str:
         reasons = [s.status.reason for s in self._slots if s.status.state in ("failed", "fatal") and s.status.reason]

@@ -83,7 +83,7 @@ def find_slot(lib: PyKCS11.PyKCS11Lib, config: TokenConfig) -> int:
             if lib.getTokenInfo(slot).label.rstrip(" \x00") == config.token_label:
                 return int(slot)
     except PyKCS11.PyKCS11Error as exc:
-        raise TokenUnavailable(f"token not reachable: {error_name(exc)}") from None
+        raise TokenUnavailable(f"token not reachable: {error_name(exc)}", exc.value) from None
     raise TokenUnavailable(f"no token labelled {config.token_label!r}")
 
 
@@ -92,7 +92,7 @@ def open_user_session(lib: PyKCS11.PyKCS11Lib, slot: int, pin: bytearray, rw: bo
     try:
         session = lib.openSession(slot, flags)
     except PyKCS11.PyKCS11Error as exc:
-        raise TokenUnavailable(f"cannot open a session: {error_name(exc)}") from None
+        raise TokenUnavailable(f"cannot open a session: {error_name(exc)}", exc.value) from None
     try:
         session.login(bytes(pin))  # PyKCS11 takes bytes, not bytearray
     except PyKCS11.PyKCS11Error as exc:
@@ -101,7 +101,7 @@ def open_user_session(lib: PyKCS11.PyKCS11Lib, slot: int, pin: bytearray, rw: bo
         session.closeSession()
         if exc.value in _PIN_ERRORS:
             raise BadPin(f"token login failed: {error_name(exc)}") from None
-        raise TokenUnavailable(f"token login failed: {error_name(exc)}") from None
+        raise TokenUnavailable(f"token login failed: {error_name(exc)}", exc.value) from None
     return session
 
 

@@ -5,18 +5,23 @@ serialise, and a slow token would stall the supervisor. A crash in the vendor li
 worker, not the broker.
 """
 
+import contextlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 
+import PyKCS11
 import zmq
 
 from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
+from keysealer.hsm_broker.mechanisms import MECHANISMS
 from keysealer.hsm_broker.pin import read_pin
 from keysealer.hsm_broker.token import SESSION_ERRORS, BadPin, Token, TokenKey, TokenUnavailable, open_token
 from keysealer.shared import ipc_schema
+from keysealer.shared.broker_stats import NO_MECHANISM, OTHER_ERROR, TokenOperation, TokenStats
 from keysealer.shared.errors import ErrorCode, KeySealerError
 from keysealer.shared.process import EXIT_BAD_PIN, FatalError
 from keysealer.shared.sandbox import lock_down
@@ -33,6 +38,8 @@ LAST_WORDS_LINGER_MS = 2000
 # look again (bounded, so bad requests cannot turn into a stream of C_FindObjects).
 KEY_REFRESH_SECONDS = 5.0
 UNKNOWN_KEY_REFRESH_SECONDS = 1.0
+# How often a worker sends what it counted: never a message per request.
+STATS_INTERVAL_SECONDS = 1.0
 
 
 class Worker:
@@ -50,33 +57,42 @@ class Worker:
         # that fails every call is not reopened in a tight loop.
         self._backoff = RETRY_FIRST_SECONDS
         self._opened_before = False  # every open after the first waits the backoff
+        self._logged_in_before = False
+        self._stats = TokenStats()  # counted since the last tally sent
+        self._stats_sent_at = 0.0
 
     def run(self) -> int:
         failures = 0
         self._report("starting", "opening the token")
         while True:
+            self._send_stats()
             if self._token is None:
                 if self._opened_before:
                     self._wait_backoff()
                 self._opened_before = True
                 try:
-                    self._token = self._open()
+                    with self._timed(TokenOperation.LOGIN, NO_MECHANISM):
+                        self._token = self._open()
                 except BadPin as exc:
                     return self._last_words(f"{exc}; not retried: a token locks after a few failed logins",
                                             EXIT_BAD_PIN)
                 except FatalError as exc:
                     return self._last_words(str(exc), exc.exit_code)
                 except TokenUnavailable as exc:
+                    self._count_error(exc)
                     failures += 1
                     if failures >= LOGIN_ATTEMPTS_BEFORE_REPORTING:
                         log.warning("token unavailable: %s; retrying in %.1fs", exc.reason, self._backoff)
                         self._report("failed", exc.reason)
                     continue
                 failures = 0
+                if self._logged_in_before:
+                    self._stats.relogins += 1
+                self._logged_in_before = True
                 self._keys_read_at = time.monotonic()
                 self._lock_down_once()
                 self._report_ready()
-            if self._socket.poll(int(KEY_REFRESH_SECONDS * 1000)):
+            if self._socket.poll(self._poll_ms()):
                 self._serve_one()
             self._refresh_keys(KEY_REFRESH_SECONDS)
 
@@ -113,6 +129,32 @@ class Worker:
         status = worker_protocol.WorkerStatus(state, reason, current, key_ids, created)
         self._socket.send_multipart([worker_protocol.STATUS, worker_protocol.encode_status(status)])
 
+    def _send_stats(self) -> None:
+        """Send what we counted, at most once a second: the supervisor adds it to the broker's totals."""
+        if self._stats and time.monotonic() - self._stats_sent_at >= STATS_INTERVAL_SECONDS:
+            self._socket.send_multipart([worker_protocol.STATS, worker_protocol.encode_stats(self._stats)])
+            self._stats, self._stats_sent_at = TokenStats(), time.monotonic()
+
+    def _poll_ms(self) -> int:
+        # Idle, wake up for the next key refresh; with a tally waiting, in time to send it.
+        if not self._stats:
+            return int(KEY_REFRESH_SECONDS * 1000)
+        return max(0, int((self._stats_sent_at + STATS_INTERVAL_SECONDS - time.monotonic()) * 1000)) + 1
+
+    @contextlib.contextmanager
+    def _timed(self, operation: TokenOperation, mechanism: str) -> Iterator[None]:
+        """Time a token operation, whether it succeeds or fails."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._stats.observe(operation, mechanism, time.perf_counter() - started)
+
+    def _count_error(self, exc: TokenUnavailable) -> None:
+        # Only the standard names: a vendor's own codes (or none) must not become a label each.
+        name = PyKCS11.CKR.get(exc.ckr) if exc.ckr is not None else None
+        self._stats.count_error(name if isinstance(name, str) else OTHER_ERROR)
+
     def _refresh_keys(self, older_than: float) -> bool:
         """Re-read the key set if our view is older than `older_than`; report it if it changed."""
         token = self._token
@@ -120,7 +162,8 @@ class Worker:
             return False
         before = (token.current, token.key_ids)
         try:
-            token.refresh_keys()
+            with self._timed(TokenOperation.FIND_KEYS, NO_MECHANISM):
+                token.refresh_keys()
         except TokenUnavailable as exc:
             self._drop_token(exc)
             self._report("failed", "token session lost; reopening")
@@ -134,8 +177,10 @@ class Worker:
         """Give up this login: the next open starts from C_Initialize, logs in and finds the keys again
         (handles do not survive a re-login on every token)."""
         log.warning("token error, reinitializing the module: %s", exc.reason)
+        self._count_error(exc)
         if self._token is not None:
             self._token.shut()
+            self._stats.reinitializations += 1
         self._token = None
 
     def _wait_backoff(self) -> None:
@@ -170,9 +215,11 @@ class Worker:
                 reply = self._perform(token, request, wrap_key_id)
             except TokenUnavailable as exc:
                 if exc.ckr not in SESSION_ERRORS:
-                    raise
+                    raise  # counted where the token is dropped
+                self._count_error(exc)
                 # Wrap and unwrap are idempotent: once more on a fresh session, still logged in.
                 token.replace_session()
+                self._stats.session_replacements += 1
                 reply = self._perform(token, request, wrap_key_id)
         except KeySealerError as exc:
             return ipc_schema.ErrorReply(request.id, exc.code, exc.message)
@@ -184,7 +231,9 @@ class Worker:
 
     def _perform(self, token: Token, request: ipc_schema.Request, wrap_key_id: str) -> ipc_schema.Reply:
         if isinstance(request, ipc_schema.WrapRequest):
-            sealed, key_id = token.wrap(request.plaintext, self._wrap_key(token, wrap_key_id))
+            key = self._wrap_key(token, wrap_key_id)
+            with self._timed(TokenOperation.WRAP, _mechanism_name(key)):
+                sealed, key_id = token.wrap(request.plaintext, key)
             return ipc_schema.WrapResult(request.id, sealed, key_id)
         if isinstance(request, ipc_schema.UnwrapRequest):
             return ipc_schema.UnwrapResult(request.id, self._unwrap(token, request))
@@ -199,13 +248,18 @@ class Worker:
         return key
 
     def _unwrap(self, token: Token, request: ipc_schema.UnwrapRequest) -> bytes:
-        try:
+        key = token.key_by_id(request.key_id)
+        # A key created since we last looked (by the CLI or another node) is found on a second look.
+        if key is None and self._refresh_keys(UNKNOWN_KEY_REFRESH_SECONDS):
+            key = token.key_by_id(request.key_id)
+        # An unknown key is refused (unknown_key) before any token call: nothing to time.
+        timing = self._timed(TokenOperation.UNWRAP, _mechanism_name(key)) if key else contextlib.nullcontext()
+        with timing:
             return token.unwrap(request.ciphertext, request.key_id)
-        except KeySealerError as exc:
-            # A key created since we last looked (by the CLI or another node) is found on a second look.
-            if exc.code is ErrorCode.UNKNOWN_KEY and self._refresh_keys(UNKNOWN_KEY_REFRESH_SECONDS):
-                return token.unwrap(request.ciphertext, request.key_id)
-            raise
+
+
+def _mechanism_name(key: TokenKey) -> str:
+    return MECHANISMS[key.identity.mechanism].name
 
 
 def worker_main(config: BrokerConfig, backend: str, supervisor_pid: int) -> int:

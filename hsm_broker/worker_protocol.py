@@ -1,16 +1,21 @@
 """Messages between the broker's supervisor and its workers (private to the broker).
 
-A worker sends [STATUS, packed status] when its state changes, and [REPLY, client, reply frame] for each
-request; a worker that replied is idle again. The supervisor sends [client, request frame, wrap key id]
-(the key every wrap must use, chosen by the supervisor so all workers agree) or [REFRESH_KEYS].
+A worker sends [STATUS, packed status] when its state changes, [REPLY, client, reply frame] for each
+request (a worker that replied is idle again), and [STATS, packed tally] at most once a second with what
+it counted since its last tally. The supervisor sends [client, request frame, wrap key id] (the key every
+wrap must use, chosen by the supervisor so all workers agree) or [REFRESH_KEYS].
 """
 
 from dataclasses import dataclass
 
 import msgpack
 
+from keysealer.shared import ipc_schema
+from keysealer.shared.broker_stats import TokenStats
+
 STATUS = b"S"
 REPLY = b"R"
+STATS = b"M"
 REFRESH_KEYS = b"K"
 # "I lost the token before I could start on the request you gave me: give it to another worker."
 RETURN_JOB = b"B"
@@ -40,6 +45,16 @@ def encode_status(status: WorkerStatus) -> bytes:
 def decode_status(frame: bytes) -> WorkerStatus:
     state, reason, current, key_ids, created = msgpack.unpackb(frame, raw=False)
     return WorkerStatus(str(state), str(reason), str(current), tuple(str(k) for k in key_ids), int(created))
+
+
+def encode_stats(stats: TokenStats) -> bytes:
+    packed: bytes = msgpack.packb(ipc_schema.token_stats_to_wire(stats), use_bin_type=True)
+    return packed
+
+
+def decode_stats(frame: bytes) -> TokenStats:
+    """Checked with the health reply's rules: a tally that would break the report is refused here."""
+    return ipc_schema.token_stats_from_wire(msgpack.unpackb(frame, raw=False))
 
 
 def agreed_current_key(statuses: list[WorkerStatus]) -> str:

@@ -2,9 +2,11 @@
 
 Each ZeroMQ message is one msgpack map. Requests carry an id that the reply repeats, so many calls share
 one connection. There are three operations and nothing else: wrap a seed, unwrap a ciphertext, report
-health. Both ends decode with the same strict rules: exact types, bounded sizes, unknown fields refused.
+health (with the broker's own measurements, broker_stats.py). Both ends decode with the same strict rules:
+exact types, bounded sizes, unknown fields refused.
 """
 
+import re
 from collections.abc import Sized
 from dataclasses import dataclass
 from enum import StrEnum
@@ -13,6 +15,14 @@ from typing import Any, cast
 import msgpack
 
 from keysealer.shared import ciphertext
+from keysealer.shared.broker_stats import (
+    LATENCY_BUCKETS,
+    OTHER_ERROR,
+    BrokerStats,
+    Histogram,
+    TokenOperation,
+    TokenStats,
+)
 from keysealer.shared.errors import ErrorCode
 
 SCHEMA_VERSION = 1
@@ -29,6 +39,14 @@ MAX_MESSAGE_LEN = 200
 MAX_TTL_MS = 60_000
 MAX_REQUEST_ID = 2**63 - 1
 MAX_WORKERS_REPORTED = 64
+# The broker's measurements: latency series (wrap and unwrap under 5 mechanisms, login, find_keys: 12) and
+# CKR names (about 100) are small fixed sets; the bounds only keep a faulty sender from growing the report.
+MAX_LATENCY_SERIES = 32
+MAX_ERROR_NAMES = 128
+MAX_COUNT = 2**63 - 1
+_MECHANISM_LABEL = re.compile(r"[a-z0-9-]{1,16}")
+_ERROR_LABEL = re.compile(rf"CKR_[A-Z0-9_]{{1,40}}|{OTHER_ERROR}")
+_OPERATIONS = frozenset(op.value for op in TokenOperation)
 
 
 class Op(StrEnum):
@@ -95,6 +113,7 @@ class HealthResult:
     current_key_id: str  # "" while no worker has found the current key
     key_ids: tuple[str, ...]
     workers: tuple[WorkerHealth, ...]
+    stats: BrokerStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +146,21 @@ _RESULT_FIELDS: dict[Op, dict[str, _FieldSpec]] = {
               "kid": (str, 1, MAX_KEY_ID_LEN)},
     Op.UNWRAP: {"ok": (bool, 1, 1), "pt": (bytes, 1, MAX_PLAINTEXT)},
     Op.HEALTH: {"ok": (bool, 1, 1), "kid": (str, 0, MAX_KEY_ID_LEN), "kids": (list, 0, MAX_KEY_IDS_REPORTED),
-                "workers": (list, 0, MAX_WORKERS_REPORTED)},
+                "workers": (list, 0, MAX_WORKERS_REPORTED), "stats": (dict, 0, 16)},
+}
+# What a worker counted (also sent from worker to supervisor), and what the health reply adds to it.
+_TOKEN_STATS_FIELDS: dict[str, _FieldSpec] = {
+    "lat": (list, 0, MAX_LATENCY_SERIES),
+    "err": (list, 0, MAX_ERROR_NAMES),
+    "relogin": (int, 0, MAX_COUNT),
+    "reinit": (int, 0, MAX_COUNT),
+    "session": (int, 0, MAX_COUNT),
+}
+_BROKER_STATS_FIELDS: dict[str, _FieldSpec] = {
+    **_TOKEN_STATS_FIELDS,
+    "busy": (int, 0, MAX_WORKERS_REPORTED),
+    "idle": (int, 0, MAX_WORKERS_REPORTED),
+    "busy_us": (int, 0, MAX_COUNT),
 }
 _ERROR_FIELDS: dict[str, _FieldSpec] = {
     "ok": (bool, 0, 0),
@@ -229,7 +262,10 @@ def encode_reply(reply: Reply, op: Op) -> bytes:
     workers = [[w.state, w.reason[:MAX_MESSAGE_LEN]] for w in reply.workers[:MAX_WORKERS_REPORTED]]
     # Bounded so the report always fits a frame, however many keys the token holds.
     key_ids = list(reply.key_ids[:MAX_KEY_IDS_REPORTED])
-    return _pack({**head, "ok": True, "kid": reply.current_key_id, "kids": key_ids, "workers": workers})
+    stats = {**token_stats_to_wire(reply.stats.token), "busy": reply.stats.busy_workers,
+             "idle": reply.stats.idle_workers, "busy_us": reply.stats.busy_us}
+    return _pack({**head, "ok": True, "kid": reply.current_key_id, "kids": key_ids, "workers": workers,
+                  "stats": stats})
 
 
 def decode_reply(frame: bytes) -> Reply:
@@ -251,6 +287,7 @@ def decode_reply(frame: bytes) -> Reply:
         fields["kid"],
         tuple(_key_ids(fields["kids"], reply_id)),
         tuple(_workers(fields["workers"], reply_id)),
+        _broker_stats(fields["stats"], reply_id),
     )
 
 
@@ -267,6 +304,67 @@ def _workers(values: list[Any], reply_id: int) -> list[WorkerHealth]:
             raise SchemaError("field 'workers' must hold [state, reason] pairs", reply_id)
         workers.append(WorkerHealth(value[0][:16], value[1][:MAX_MESSAGE_LEN]))
     return workers
+
+
+def token_stats_to_wire(stats: TokenStats) -> dict[str, Any]:
+    # Cut like the key ids, so a report always decodes; honest workers never reach the bounds.
+    latency = [[op.value, mechanism, histogram.counts, histogram.sum_us]
+               for (op, mechanism), histogram in stats.latency.items()]
+    errors = [[name, count] for name, count in stats.errors.items()]
+    return {"lat": latency[:MAX_LATENCY_SERIES], "err": errors[:MAX_ERROR_NAMES], "relogin": stats.relogins,
+            "reinit": stats.reinitializations, "session": stats.session_replacements}
+
+
+def token_stats_from_wire(value: Any, reply_id: int | None = None) -> TokenStats:
+    """A worker's tally, checked as strictly as any field: it ends up in every health reply."""
+    _check_stats(value, _TOKEN_STATS_FIELDS, reply_id)
+    return _token_stats(value, reply_id)
+
+
+def _broker_stats(value: dict[str, Any], reply_id: int) -> BrokerStats:
+    _check_stats(value, _BROKER_STATS_FIELDS, reply_id)
+    return BrokerStats(_token_stats(value, reply_id), value["busy"], value["idle"], value["busy_us"])
+
+
+def _check_stats(value: Any, spec: dict[str, _FieldSpec], reply_id: int | None) -> None:
+    if type(value) is not dict:
+        raise SchemaError("field 'stats' must be a map", reply_id)
+    try:
+        _check(value, spec, reply_id)
+    except SchemaError as exc:
+        raise SchemaError(f"field 'stats': {exc}", reply_id) from None
+
+
+def _token_stats(value: dict[str, Any], reply_id: int | None) -> TokenStats:
+    stats = TokenStats(relogins=value["relogin"], reinitializations=value["reinit"],
+                       session_replacements=value["session"])
+    for entry in value["lat"]:
+        if not _is_latency_series(entry) or (TokenOperation(entry[0]), entry[1]) in stats.latency:
+            raise SchemaError("field 'stats' must hold distinct [operation, mechanism, bucket counts, sum] "
+                              "latency series", reply_id)
+        stats.latency[TokenOperation(entry[0]), entry[1]] = Histogram(entry[2], entry[3])
+    for entry in value["err"]:
+        if not _is_error_count(entry) or entry[0] in stats.errors:
+            raise SchemaError("field 'stats' must hold distinct [CKR name, count] errors", reply_id)
+        stats.errors[entry[0]] = entry[1]
+    return stats
+
+
+def _is_latency_series(entry: Any) -> bool:
+    return (type(entry) is list and len(entry) == 4
+            and type(entry[0]) is str and entry[0] in _OPERATIONS
+            and type(entry[1]) is str and _MECHANISM_LABEL.fullmatch(entry[1]) is not None
+            and type(entry[2]) is list and len(entry[2]) == len(LATENCY_BUCKETS) + 1 and all(map(_is_count, entry[2]))
+            and _is_count(entry[3]))
+
+
+def _is_error_count(entry: Any) -> bool:
+    return (type(entry) is list and len(entry) == 2 and type(entry[0]) is str
+            and _ERROR_LABEL.fullmatch(entry[0]) is not None and _is_count(entry[1]))
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_COUNT
 
 
 def op_of(request: Request) -> Op:

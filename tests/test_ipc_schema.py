@@ -16,10 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keysealer.shared import ciphertext
+from keysealer.shared.broker_stats import LATENCY_BUCKETS, BrokerStats, Histogram, TokenOperation, TokenStats
 from keysealer.shared.errors import ErrorCode
 from keysealer.shared.ipc_schema import (
+    MAX_COUNT,
+    MAX_ERROR_NAMES,
     MAX_KEY_ID_LEN,
     MAX_KEY_IDS_REPORTED,
+    MAX_LATENCY_SERIES,
     MAX_MESSAGE_LEN,
     MAX_PLAINTEXT,
     MAX_REPLY_FRAME,
@@ -43,11 +47,16 @@ from keysealer.shared.ipc_schema import (
     encode_reply,
     encode_request,
     op_of,
+    token_stats_from_wire,
+    token_stats_to_wire,
 )
 
 KEY_ID = "ks1-" + "0123456789abcdef" * 2
 CT = bytes(range(ciphertext.MIN_LEN))
 REQUEST_TYPES = (WrapRequest, UnwrapRequest, HealthRequest)
+BUCKETS = len(LATENCY_BUCKETS) + 1  # with +Inf
+NO_STATS = BrokerStats()
+NO_STATS_WIRE = {"lat": [], "err": [], "relogin": 0, "reinit": 0, "session": 0, "busy": 0, "idle": 0, "busy_us": 0}
 REPLY_TYPES = (WrapResult, UnwrapResult, HealthResult, ErrorReply)
 
 
@@ -74,7 +83,7 @@ def base_result(op: Op, reply_id: int = 42) -> dict[str, Any]:
     elif op is Op.UNWRAP:
         message["pt"] = b"\x01" * 32
     else:
-        message.update(kid=KEY_ID, kids=[KEY_ID], workers=[["ready", ""]])
+        message.update(kid=KEY_ID, kids=[KEY_ID], workers=[["ready", ""]], stats=NO_STATS_WIRE)
     return message
 
 
@@ -130,15 +139,28 @@ def test_encoded_request_is_the_documented_map() -> None:
     }
 
 
+def some_token_stats() -> TokenStats:
+    stats = TokenStats(relogins=2, reinitializations=1, session_replacements=3)
+    for seconds in (0.0001, 0.003, 7.0):
+        stats.observe(TokenOperation.WRAP, "aes-gcm", seconds)
+    stats.observe(TokenOperation.UNWRAP, "rsa-oaep-sha1", 0.02)
+    stats.observe(TokenOperation.LOGIN, "none", 0.2)
+    stats.count_error("CKR_DEVICE_ERROR")
+    stats.count_error("other")
+    return stats
+
+
 REPLIES: list[tuple[WrapResult | UnwrapResult | HealthResult | ErrorReply, Op]] = [
     (WrapResult(id=1, ciphertext=CT, key_id=KEY_ID), Op.WRAP),
     (WrapResult(id=MAX_REQUEST_ID, ciphertext=b"\x01" * ciphertext.MAX_LEN, key_id="k" * MAX_KEY_ID_LEN), Op.WRAP),
     (UnwrapResult(id=2, plaintext=os.urandom(32)), Op.UNWRAP),
     (UnwrapResult(id=0, plaintext=b"\x00" * MAX_PLAINTEXT), Op.UNWRAP),
     (HealthResult(id=3, current_key_id=KEY_ID, key_ids=(KEY_ID, "ks1-" + "f" * 32),
-                  workers=(WorkerHealth("ready", ""), WorkerHealth("failed", "token not reachable"))), Op.HEALTH),
-    (HealthResult(id=4, current_key_id="", key_ids=(), workers=()), Op.HEALTH),
-    (HealthResult(id=5, current_key_id="", key_ids=(), workers=(WorkerHealth("starting", "logging in"),)), Op.HEALTH),
+                  workers=(WorkerHealth("ready", ""), WorkerHealth("failed", "token not reachable")),
+                  stats=BrokerStats(some_token_stats(), busy_workers=1, idle_workers=0, busy_us=12_345)), Op.HEALTH),
+    (HealthResult(id=4, current_key_id="", key_ids=(), workers=(), stats=NO_STATS), Op.HEALTH),
+    (HealthResult(id=5, current_key_id="", key_ids=(), workers=(WorkerHealth("starting", "logging in"),),
+                  stats=NO_STATS), Op.HEALTH),
 ]
 REPLIES += [(ErrorReply(id=10 + i, code=code, message=f"because {code}"), op)
             for i, code in enumerate(ErrorCode) for op in Op]
@@ -166,15 +188,25 @@ def test_error_reply_with_an_unknown_code_becomes_internal() -> None:
 
 def test_health_result_with_many_keys_round_trips() -> None:
     key_ids = tuple(f"ks1-{i:032x}" for i in range(64))
-    reply = HealthResult(1, key_ids[-1], key_ids, (WorkerHealth("ready", ""),) * 8)
+    reply = HealthResult(1, key_ids[-1], key_ids, (WorkerHealth("ready", ""),) * 8, NO_STATS)
     assert decode_reply(encode_reply(reply, Op.HEALTH)) == reply
 
 
+def full_stats() -> BrokerStats:
+    """Every series and error name the schema allows, with the largest numbers."""
+    most = Histogram([MAX_COUNT] * BUCKETS, MAX_COUNT)
+    latency = {(TokenOperation.WRAP, f"m{i:015d}"): most for i in range(MAX_LATENCY_SERIES)}
+    errors = {f"CKR_{i:040d}": MAX_COUNT for i in range(MAX_ERROR_NAMES)}
+    return BrokerStats(TokenStats(latency, errors, MAX_COUNT, MAX_COUNT, MAX_COUNT), MAX_WORKERS_REPORTED, 0,
+                       MAX_COUNT)
+
+
 def test_health_result_at_the_schema_limits_round_trips() -> None:
-    # A token with every reportable key and every worker failing with a long reason: the report still fits.
+    # A token with every reportable key and every worker failing with a long reason, and the largest
+    # measurements: the report still fits.
     key_ids = tuple(f"ks1-{i:032x}" for i in range(MAX_KEY_IDS_REPORTED))
     workers = (WorkerHealth("failed", "r" * MAX_MESSAGE_LEN),) * MAX_WORKERS_REPORTED
-    reply = HealthResult(1, "k" * MAX_KEY_ID_LEN, key_ids, workers)
+    reply = HealthResult(1, "k" * MAX_KEY_ID_LEN, key_ids, workers, full_stats())
     frame = encode_reply(reply, Op.HEALTH)
     assert MAX_REQUEST_FRAME < len(frame) <= MAX_REPLY_FRAME
     assert decode_reply(frame) == reply
@@ -183,8 +215,9 @@ def test_health_result_at_the_schema_limits_round_trips() -> None:
 def test_health_result_beyond_the_limits_is_cut_on_encode() -> None:
     key_ids = tuple(f"ks1-{i:032x}" for i in range(MAX_KEY_IDS_REPORTED + 10))
     workers = tuple(WorkerHealth("ready", f"w{i}") for i in range(MAX_WORKERS_REPORTED + 3))
-    decoded = decode_reply(encode_reply(HealthResult(1, key_ids[0], key_ids, workers), Op.HEALTH))
-    assert decoded == HealthResult(1, key_ids[0], key_ids[:MAX_KEY_IDS_REPORTED], workers[:MAX_WORKERS_REPORTED])
+    decoded = decode_reply(encode_reply(HealthResult(1, key_ids[0], key_ids, workers, NO_STATS), Op.HEALTH))
+    assert decoded == HealthResult(1, key_ids[0], key_ids[:MAX_KEY_IDS_REPORTED], workers[:MAX_WORKERS_REPORTED],
+                                   NO_STATS)
 
 
 def test_health_result_decode_refuses_more_than_the_limits() -> None:
@@ -311,6 +344,92 @@ def test_health_result_with_bad_workers_is_refused(workers: list[Any]) -> None:
 
 def test_health_result_with_too_many_workers_is_refused() -> None:
     refused_reply({**base_result(Op.HEALTH), "workers": [["ready", ""]] * 65})
+
+
+# --- the broker's measurements (stats) ----------------------------------------------------------------
+
+def series(op: str = "wrap", mechanism: str = "aes-gcm", counts: Any = None, sum_us: Any = 0) -> list[Any]:
+    return [op, mechanism, [0] * BUCKETS if counts is None else counts, sum_us]
+
+
+def test_histogram_buckets_hold_values_up_to_their_bound() -> None:
+    histogram = Histogram()
+    for seconds in (LATENCY_BUCKETS[0], LATENCY_BUCKETS[0] * 1.01, LATENCY_BUCKETS[-1] * 2):
+        histogram.observe(seconds)
+    assert histogram.counts == [1, 1] + [0] * (BUCKETS - 3) + [1]  # the last one only in +Inf
+    assert histogram.sum_us == round((LATENCY_BUCKETS[0] * 2.01 + LATENCY_BUCKETS[-1] * 2) * 1e6)
+
+
+def test_tallies_add_up_series_by_series() -> None:
+    total = some_token_stats()
+    total.add(some_token_stats())
+    total.add(TokenStats())
+    assert total.latency[TokenOperation.WRAP, "aes-gcm"].counts[-1] == 2  # 7 s, twice
+    assert sum(total.latency[TokenOperation.WRAP, "aes-gcm"].counts) == 6
+    assert total.errors == {"CKR_DEVICE_ERROR": 2, "other": 2}
+    assert (total.relogins, total.reinitializations, total.session_replacements) == (4, 2, 6)
+    assert not TokenStats() and total
+
+
+def test_a_worker_tally_round_trips_and_carries_no_worker_activity() -> None:
+    stats = some_token_stats()
+    assert token_stats_from_wire(pack_and_unpack(token_stats_to_wire(stats))) == stats
+    with pytest.raises(SchemaError, match="unknown field 'busy'"):
+        token_stats_from_wire({**token_stats_to_wire(stats), "busy": 1})
+
+
+def pack_and_unpack(value: Any) -> Any:
+    return msgpack.unpackb(pack(value), raw=False)
+
+
+def test_stats_beyond_the_limits_are_cut_on_encode() -> None:
+    latency = {(TokenOperation.UNWRAP, f"m{i}"): Histogram() for i in range(MAX_LATENCY_SERIES + 5)}
+    errors = {f"CKR_{i}": 1 for i in range(MAX_ERROR_NAMES + 5)}
+    reply = HealthResult(1, "", (), (), BrokerStats(TokenStats(latency, errors)))
+    decoded = decode_reply(encode_reply(reply, Op.HEALTH))
+    assert isinstance(decoded, HealthResult)
+    assert len(decoded.stats.token.latency) == MAX_LATENCY_SERIES
+    assert len(decoded.stats.token.errors) == MAX_ERROR_NAMES
+
+
+BAD_STATS = [
+    # (what is wrong, the stats map)
+    ("not a map", [["wrap"]]),
+    ("unknown field", {**NO_STATS_WIRE, "extra": 1}),
+    ("unknown field (free text)", {**NO_STATS_WIRE, "CKR_DEVICE_ERROR": 1}),
+    *[(f"missing {name}", {k: v for k, v in NO_STATS_WIRE.items() if k != name}) for name in NO_STATS_WIRE],
+    ("too many series", {**NO_STATS_WIRE, "lat": [series(mechanism=f"m{i}") for i in range(MAX_LATENCY_SERIES + 1)]}),
+    ("too many errors", {**NO_STATS_WIRE, "err": [[f"CKR_{i}", 1] for i in range(MAX_ERROR_NAMES + 1)]}),
+    ("unknown operation", {**NO_STATS_WIRE, "lat": [series(op="encrypt")]}),
+    ("operation as bytes", {**NO_STATS_WIRE, "lat": [series(op=b"wrap")]}),
+    ("free-text mechanism", {**NO_STATS_WIRE, "lat": [series(mechanism="AES GCM")]}),
+    ("long mechanism", {**NO_STATS_WIRE, "lat": [series(mechanism="m" * 17)]}),
+    ("empty mechanism", {**NO_STATS_WIRE, "lat": [series(mechanism="")]}),
+    ("a bucket short", {**NO_STATS_WIRE, "lat": [series(counts=[0] * (BUCKETS - 1))]}),
+    ("a bucket over", {**NO_STATS_WIRE, "lat": [series(counts=[0] * (BUCKETS + 1))]}),
+    ("negative count", {**NO_STATS_WIRE, "lat": [series(counts=[-1] + [0] * (BUCKETS - 1))]}),
+    ("bool count", {**NO_STATS_WIRE, "lat": [series(counts=[True] + [0] * (BUCKETS - 1))]}),
+    ("float sum", {**NO_STATS_WIRE, "lat": [series(sum_us=1.5)]}),
+    ("count over the limit", {**NO_STATS_WIRE, "lat": [series(sum_us=MAX_COUNT + 1)]}),
+    ("series of 3", {**NO_STATS_WIRE, "lat": [series()[:3]]}),
+    ("same series twice", {**NO_STATS_WIRE, "lat": [series(), series()]}),
+    ("error as free text", {**NO_STATS_WIRE, "err": [["token went away", 1]]}),
+    ("lowercase CKR name", {**NO_STATS_WIRE, "err": [["ckr_device_error", 1]]}),
+    ("bare CKR_", {**NO_STATS_WIRE, "err": [["CKR_", 1]]}),
+    ("long CKR name", {**NO_STATS_WIRE, "err": [["CKR_" + "X" * 41, 1]]}),
+    ("negative error count", {**NO_STATS_WIRE, "err": [["CKR_DEVICE_ERROR", -1]]}),
+    ("same error twice", {**NO_STATS_WIRE, "err": [["other", 1], ["other", 2]]}),
+    ("error as a map", {**NO_STATS_WIRE, "err": [{"CKR_DEVICE_ERROR": 1}]}),
+    ("negative counter", {**NO_STATS_WIRE, "relogin": -1}),
+    ("bool counter", {**NO_STATS_WIRE, "reinit": True}),
+    ("more busy workers than reportable", {**NO_STATS_WIRE, "busy": MAX_WORKERS_REPORTED + 1}),
+    ("float busy time", {**NO_STATS_WIRE, "busy_us": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("case", "stats"), BAD_STATS, ids=[case for case, _ in BAD_STATS])
+def test_health_result_with_bad_stats_is_refused(case: str, stats: Any) -> None:
+    assert "stats" in str(refused_reply({**base_result(Op.HEALTH), "stats": stats})), case
 
 
 # --- strictness: sizes ---------------------------------------------------------------------------------
@@ -493,7 +612,7 @@ def test_schema_error_is_a_value_error() -> None:
 
 # --- properties -------------------------------------------------------------------------------------------
 
-FIELD_NAMES = ["v", "id", "op", "ttl", "pt", "ct", "kid", "ok", "err", "msg", "kids", "workers"]
+FIELD_NAMES = ["v", "id", "op", "ttl", "pt", "ct", "kid", "ok", "err", "msg", "kids", "workers", "stats"]
 leaves = (
     st.none()
     | st.booleans()
@@ -522,7 +641,19 @@ WRONG_VALUES: dict[str, list[Any]] = {
     "msg": ["m" * (MAX_MESSAGE_LEN + 1), b"m"],
     "kids": [[1], [""], [b"k"], ["k" * (MAX_KEY_ID_LEN + 1)], "kids", [[KEY_ID]]],
     "workers": [[["ready"]], [[1, "x"]], [["ready", b""]], ["ready"], [None], [["a", "b", "c"]]],
+    "stats": [stats for _, stats in BAD_STATS],
 }
+
+
+token_stats = st.builds(
+    TokenStats,
+    st.dictionaries(st.tuples(st.sampled_from(TokenOperation), st.from_regex(r"[a-z0-9-]{1,16}", fullmatch=True)),
+                    st.builds(Histogram, st.lists(st.integers(0, MAX_COUNT), min_size=BUCKETS, max_size=BUCKETS),
+                              st.integers(0, MAX_COUNT)), max_size=3),
+    st.dictionaries(st.from_regex(r"CKR_[A-Z0-9_]{1,40}|other", fullmatch=True), st.integers(0, MAX_COUNT),
+                    max_size=3),
+    st.integers(0, MAX_COUNT), st.integers(0, MAX_COUNT), st.integers(0, MAX_COUNT),
+)
 
 
 @st.composite
@@ -541,6 +672,8 @@ def near_frames(draw: st.DrawFn) -> dict[Any, Any]:
         "workers": st.lists(st.lists(st.text(max_size=20), min_size=2, max_size=2), max_size=3),
         "err": st.sampled_from([c.value for c in ErrorCode]) | st.text(min_size=1, max_size=32),
         "msg": st.text(max_size=MAX_MESSAGE_LEN),
+        "stats": st.builds(lambda stats: token_stats_to_wire(stats) | {"busy": 1, "idle": 0, "busy_us": 5},
+                           token_stats),
     }
     for name, strategy in valid.items():
         if name in message:
@@ -598,6 +731,7 @@ def assert_valid_reply(reply: object) -> None:
         assert in_range(reply.current_key_id, str, 0, MAX_KEY_ID_LEN)
         assert all(in_range(k, str, 1, MAX_KEY_ID_LEN) for k in reply.key_ids)
         assert all(type(w) is WorkerHealth and type(w.state) is str and type(w.reason) is str for w in reply.workers)
+        assert len(reply.stats.token.latency) <= MAX_LATENCY_SERIES and len(reply.stats.token.errors) <= MAX_ERROR_NAMES
     else:
         assert type(reply.code) is ErrorCode
         assert in_range(reply.message, str, 0, MAX_MESSAGE_LEN)
@@ -652,3 +786,9 @@ request_strategy = st.one_of(
 @given(request_strategy)
 def test_every_valid_request_round_trips(request_: WrapRequest | UnwrapRequest | HealthRequest) -> None:
     assert decode_request(encode_request(request_)) == request_
+
+
+@PROPERTY
+@given(token_stats)
+def test_every_valid_tally_round_trips(stats: TokenStats) -> None:
+    assert token_stats_from_wire(pack_and_unpack(token_stats_to_wire(stats))) == stats
