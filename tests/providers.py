@@ -2,6 +2,7 @@
 deploy/providers/NAME/ (the one operators use), which starts any daemon the token needs and writes the
 broker config's token section; a provider whose packages are missing is skipped with the reason."""
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ class Provider:
     mechanism: str  # the KeySealer mechanism its keys use in the suite
     # Keys made by the token's own tool (deploy/providers/NAME/create-key.sh) instead of C_GenerateKey.
     own_key_tool: bool = False
+    setup_env: tuple[tuple[str, str], ...] = ()  # for setup.sh, on top of the test's environment
 
     @property
     def folder(self) -> Path:
@@ -26,7 +28,8 @@ class Provider:
 
     def setup(self, state_dir: Path) -> None:
         """Run setup.sh into state_dir; skip the caller's tests, saying why, if the provider is not installed."""
-        result = _run([str(self.folder / "setup.sh"), str(state_dir)], check=False)
+        result = _run([str(self.folder / "setup.sh"), str(state_dir)], check=False,
+                      env={**os.environ, **dict(self.setup_env)})
         if result.returncode == EXIT_MISSING_PACKAGE:
             pytest.skip(f"provider {self.name}: {result.stderr.strip()}")
         assert result.returncode == 0, f"{self.name} setup failed ({result.returncode}): {result.stderr}"
@@ -43,8 +46,8 @@ class Provider:
         _run([str(PROVIDERS_DIR / "stop.sh"), str(state_dir)])
 
 
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=SETUP_SECONDS, check=False)
+def _run(argv: list[str], check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=SETUP_SECONDS, check=False, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr}")
     return result
@@ -54,4 +57,8 @@ PROVIDERS = (
     Provider("softhsm", "aes-gcm"),
     # p11-kit 0.24's client forwards RSA-OAEP with SHA-1 parameters but not AES-GCM's or CBC's.
     Provider("p11-kit-remote", "rsa-oaep-sha1"),
+    # openCryptoki 3.8 has no AES-GCM; CBC + HMAC is faster than its RSA-OAEP (which also works). Its one soft
+    # token is global state: each run wipes the one an earlier run made (its label), and no other.
+    Provider("opencryptoki", "aes-cbc-hmac",
+             setup_env=(("TOKEN_LABEL", "keysealer-test"), ("OPENCRYPTOKI_WIPE_TOKEN", "keysealer-test"))),
 )

@@ -33,9 +33,12 @@ require_packages() {
   [ ${#missing[@]} -eq 0 ] || fail "not installed: ${missing[*]} (apt-get install ${missing[*]})" 77
 }
 
-# A random PIN in STATE_DIR/NAME, readable by its owner only; prints nothing.
+# A random PIN of LENGTH characters (default 32; base64, 6 bits each) in STATE_DIR/NAME, readable by its
+# owner only; prints nothing. LENGTH is for tokens that cap PINs (openCryptoki 3.8: 8).
 new_pin() {
-  (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' > "$STATE_DIR/$1" && echo >> "$STATE_DIR/$1")
+  local value
+  value=$(head -c 24 /dev/urandom | base64 -w0)
+  (umask 077 && echo "${value:0:${2:-32}}" > "$STATE_DIR/$1")
 }
 
 pin() { tr -d '\n' < "$STATE_DIR/$1"; }
@@ -58,11 +61,15 @@ start_daemon() {
 }
 
 # Wait until a path exists (a daemon's socket), or fail naming the daemon's log.
-wait_for() {
-  local path=$1 log=$2 tries=100
-  until [ -e "$path" ]; do
+wait_for() { wait_until "$1 did not appear" "$2" test -e "$1"; }
+
+# Wait until COMMAND succeeds (a daemon answers), or fail with WHAT and the daemon's log.
+wait_until() {
+  local what=$1 log=$2 tries=100
+  shift 2
+  until "$@" >/dev/null 2>&1; do
     tries=$((tries - 1))
-    [ $tries -gt 0 ] || fail "$path did not appear; see $log"
+    [ $tries -gt 0 ] || fail "$what; see $log"
     sleep 0.1
   done
 }
