@@ -67,8 +67,10 @@ def load_module(config: TokenConfig) -> PyKCS11.PyKCS11Lib:
     try:
         lib.load(str(config.module))
     except PyKCS11.PyKCS11Error as exc:
-        raise TokenUnavailable(f"cannot load PKCS #11 module {config.module.name}: {exc.text or error_name(exc)}",
-                               exc.value) from None
+        # -1: the library did not load (exc.text is its path); else C_Initialize's answer (openCryptoki:
+        # CKR_HOST_MEMORY while pkcsslotd is not running).
+        why = exc.text if exc.value == -1 else f"C_Initialize returned {error_name(exc)}"
+        raise TokenUnavailable(f"cannot load PKCS #11 module {config.module.name}: {why}", exc.value) from None
     return lib
 
 

@@ -28,31 +28,25 @@ readonly TOKEN_DIR=/var/lib/opencryptoki/swtok
 readonly TOKEN_SHM=/dev/shm/var.lib.opencryptoki.swtok
 readonly SLOTD_PID=/run/pkcsslotd.pid SLOTD_SOCKET=/run/pkcsslotd.socket
 
-# The pid of a pkcsslotd that is up (alive, not a zombie, its socket there), or nothing.
+# Prints the pid of a pkcsslotd that is up (alive, not a zombie, its socket there); fails if there is none.
 running_slotd() {
   local pid name state
-  pid=$(cat "$SLOTD_PID" 2>/dev/null) || return 0
-  read -r _ name state _ 2>/dev/null < "/proc/$pid/stat" || return 0
-  if [ "$name" = "(pkcsslotd)" ] && [ "$state" != Z ] && [ -S "$SLOTD_SOCKET" ]; then echo "$pid"; fi
+  pid=$(cat "$SLOTD_PID" 2>/dev/null) && read -r _ name state _ 2>/dev/null < "/proc/$pid/stat" &&
+    [ "$name" = "(pkcsslotd)" ] && [ "$state" != Z ] && [ -S "$SLOTD_SOCKET" ] && echo "$pid"
 }
 
 # pkcsslotd has no foreground mode in 3.8: it daemonizes (its own session) and writes its pid file.
 start_slotd() {
-  local pid tries=100
-  pid=$(running_slotd)
-  if [ -n "$pid" ]; then
+  local pid
+  if pid=$(running_slotd); then
     echo "opencryptoki setup: reusing the running pkcsslotd (pid $pid); stop.sh leaves it running" >&2
     return
   fi
   systemd-tmpfiles --create opencryptoki.conf
   rm -f "$SLOTD_PID" "$SLOTD_SOCKET"  # left by a daemon that was killed
   /usr/sbin/pkcsslotd < /dev/null >> "$STATE_DIR/pkcsslotd.log" 2>&1
-  until pid=$(running_slotd) && [ -n "$pid" ]; do
-    tries=$((tries - 1))
-    [ $tries -gt 0 ] || fail "pkcsslotd did not come up; see $STATE_DIR/pkcsslotd.log"
-    sleep 0.1
-  done
-  echo "$pid" >> "$STATE_DIR/pids"
+  wait_until "pkcsslotd did not come up" "$STATE_DIR/pkcsslotd.log" running_slotd
+  running_slotd >> "$STATE_DIR/pids"
 }
 
 # pkcsconf on the soft token's slot. It exits 0 after some failures (CKR_PIN_LEN_RANGE): its output says.
