@@ -3,6 +3,10 @@
 ZeroMQ reconnects by itself when the broker restarts. While no broker is connected a call fails at once
 (ZMQ_IMMEDIATE: nothing is queued for a peer that is not there), and calls in flight when the connection
 drops fail at once too, so the apiserver gets UNAVAILABLE instead of waiting out its deadline.
+
+The sockets are plain (not zmq.asyncio) and read from the event loop's own reader callbacks: pyzmq's
+asyncio layer spends a future, a timer handle and several EVENTS checks per message, which cost this
+process about a tenth of its CPU per call (docs/benchmarks.md).
 """
 
 import asyncio
@@ -12,10 +16,9 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from keysealer.frontend.metrics import Metrics
@@ -36,7 +39,7 @@ class BrokerClient:
     def __init__(self, socket_path: Path, own_key: KeyPair, broker_public_key: bytes, metrics: Metrics) -> None:
         self._metrics = metrics
         self._endpoint = f"ipc://{socket_path}"
-        self._context = zmq.asyncio.Context()
+        self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.curve_publickey = own_key.public
         self._socket.curve_secretkey = own_key.secret
@@ -52,9 +55,12 @@ class BrokerClient:
             (zmq.RCVHWM, 100_000),
         ):
             self._socket.setsockopt(option, value)
+        self._monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        self._read_scheduled = False
         self._pending: dict[int, asyncio.Future[ipc_schema.Reply]] = {}
         self._ids = itertools.count(1)
-        self._tasks: list[asyncio.Task[None]] = []
         self.connected = False
         self.refused = False  # the broker rejected our credentials at the last handshake
         self._refused_backoff = REFUSED_RETRY_FIRST_SECONDS
@@ -64,20 +70,23 @@ class BrokerClient:
         self.connection_epoch = 0
 
     async def start(self) -> None:
-        monitor = self._socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self._socket.connect(self._endpoint)
-        self._tasks = [asyncio.create_task(self._read_replies()), asyncio.create_task(self._watch(monitor))]
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._socket.FD, self._read_replies)
+        loop.add_reader(self._monitor.FD, self._read_events)
+        # A ZeroMQ descriptor signals new arrivals only: read what is already there (connect() may have
+        # taken the signal).
+        loop.call_soon(self._read_events)
+        self._schedule_read()
 
     async def close(self) -> None:
         if self._retry is not None:
-            self._tasks.append(self._retry)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+            self._retry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await self._retry
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._socket.FD)
+        loop.remove_reader(self._monitor.FD)
         # destroy() closes every socket of the context, the monitor's PAIR socket included; term() alone
         # would wait for it forever.
         self._socket.disable_monitor()
@@ -105,9 +114,11 @@ class BrokerClient:
         self._pending[request_id] = future
         try:
             try:
-                await self._socket.send(frame, flags=zmq.NOBLOCK)
+                self._socket.send(frame, zmq.NOBLOCK)
             except zmq.Again:
                 raise KeySealerError(ErrorCode.BROKER_UNAVAILABLE, _NOT_CONNECTED) from None
+            # Sending may have consumed the descriptor's signal for replies that arrived meanwhile.
+            self._schedule_read()
             started = time.monotonic()
             async with asyncio.timeout(timeout):
                 reply = await future
@@ -117,9 +128,16 @@ class BrokerClient:
             # A reply arriving after this is discarded by _read_replies: nobody waits for it.
             self._pending.pop(request_id, None)
 
-    async def _read_replies(self) -> None:
-        while True:
-            frame = await self._socket.recv()
+    def _schedule_read(self) -> None:
+        """Read replies once the loop is free: one read serves every send of this loop iteration."""
+        if not self._read_scheduled:
+            self._read_scheduled = True
+            asyncio.get_running_loop().call_soon(self._read_replies)
+
+    def _read_replies(self) -> None:
+        self._read_scheduled = False
+        while _readable(self._socket):
+            frame = self._socket.recv(zmq.NOBLOCK)
             try:
                 reply = ipc_schema.decode_reply(frame)
             except ipc_schema.SchemaError as exc:
@@ -129,32 +147,34 @@ class BrokerClient:
             if future is not None and not future.done():
                 future.set_result(reply)
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        while True:
-            event = parse_monitor_message(await monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected = True
-                self.refused = False
-                self._refused_backoff = REFUSED_RETRY_FIRST_SECONDS
+    def _read_events(self) -> None:
+        while _readable(self._monitor):
+            self._on_event(parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"])
+
+    def _on_event(self, event: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.connected = True
+            self.refused = False
+            self._refused_backoff = REFUSED_RETRY_FIRST_SECONDS
+            self._failed_handshakes = 0
+            log.info("connected to the broker")
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            if not self.refused:
+                log.error("the broker refused this frontend's IPC credentials (CURVE key or user)")
+            self.refused = True
+            # libzmq does not reconnect after a refused handshake: try again ourselves, slowly, so
+            # fixing the broker's config is enough.
+            if self._retry is None or self._retry.done():
+                self._retry = asyncio.create_task(self._reconnect_later())
+        elif event == zmq.EVENT_DISCONNECTED:
+            if self.connected:  # once per lost connection, not once per failed reconnect
+                log.warning("lost the connection to the broker")
                 self._failed_handshakes = 0
-                log.info("connected to the broker")
-            elif event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                if not self.refused:
-                    log.error("the broker refused this frontend's IPC credentials (CURVE key or user)")
-                self.refused = True
-                # libzmq does not reconnect after a refused handshake: try again ourselves, slowly, so
-                # fixing the broker's config is enough.
-                if self._retry is None or self._retry.done():
-                    self._retry = asyncio.create_task(self._reconnect_later())
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                if self.connected:  # once per lost connection, not once per failed reconnect
-                    log.warning("lost the connection to the broker")
-                    self._failed_handshakes = 0
-                else:
-                    self._note_failed_handshake()
-                self.connected = False
-                self.connection_epoch += 1
-                self._fail_pending("lost the connection to the broker")
+            else:
+                self._note_failed_handshake()
+            self.connected = False
+            self.connection_epoch += 1
+            self._fail_pending("lost the connection to the broker")
 
     def _note_failed_handshake(self) -> None:
         """A connection that closes before its handshake completed: the broker could not read our CURVE
@@ -171,12 +191,20 @@ class BrokerClient:
         self._refused_backoff = min(self._refused_backoff * 2, REFUSED_RETRY_MAX_SECONDS)
         self._socket.disconnect(self._endpoint)
         self._socket.connect(self._endpoint)
+        self._schedule_read()
 
     def _fail_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
                 future.set_exception(KeySealerError(ErrorCode.BROKER_UNAVAILABLE, reason))
+
+
+def _readable(socket: zmq.Socket[bytes]) -> bool:
+    """Whether a message waits (False once closed: a read scheduled before close() may run after it).
+    Asking also processes ZeroMQ's pending commands, which resets the descriptor, so a drain that ends
+    here is signalled again by the next arrival."""
+    return not socket.closed and bool(cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def _expect(reply: ipc_schema.Reply, kind: type[R]) -> R:
