@@ -15,6 +15,9 @@ class TokenConfig:
     slot: int | None = None
     # Environment the PKCS #11 module reads (SOFTHSM2_CONF, a TPM's TCTI, ...). Set only in the broker.
     module_env: dict[str, str] = field(default_factory=dict)
+    # For a module that reads the token's objects only when initialized (tpm2-pkcs11): the file it reads
+    # them from. When it has changed, a key refresh finalizes the module, initializes it and logs in again.
+    reinitialize_when_changed: Path | None = None
 
 
 @dataclass(frozen=True)

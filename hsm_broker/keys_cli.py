@@ -80,7 +80,8 @@ def create_key(config_path: Path, label: str | None, if_missing: bool = False, m
         try:
             chosen.generate(token.session, identity)
         except PyKCS11.PyKCS11Error as exc:
-            raise FatalError(f"the token refused to create a {chosen.name} key: {error_name(exc)}") from None
+            raise FatalError(f"the token refused to create a {chosen.name} key: {error_name(exc)}; "
+                             f"{_OWN_TOOL}") from None
         _self_test(token.session, identity, chosen)
     print(f"created key {identity.key_id} (label {label!r}, {chosen.name})")
     return EXIT_OK
@@ -96,7 +97,15 @@ def _choose_mechanism(name: str | None, previous: KeyIdentity | None, offered: s
     if not chosen.needs <= offered:
         usable = ", ".join(offered_by(offered)) or "none of KeySealer's mechanisms"
         raise UsageError(f"the token does not offer what {chosen.name} needs; it offers: {usable}")
+    if missing := chosen.generate_needs - offered:
+        names = ", ".join(sorted(PyKCS11.CKM[m] for m in missing))
+        raise UsageError(f"the token cannot generate {chosen.name} keys (it does not offer {names}); {_OWN_TOOL}")
     return chosen
+
+
+# Where keys come from when the token will not generate them through PKCS #11.
+_OWN_TOOL = "tokens that generate keys only with their own tool (TPM 2.0) get them from it: " \
+            "deploy/providers/tpm2/create-key.sh"
 
 
 def _self_test(session: Any, identity: KeyIdentity, mechanism: KeyMechanism) -> None:
@@ -120,10 +129,12 @@ def _destroy(session: Any, key: TokenKey) -> None:
             session.destroyObject(handle)
 
 
-def print_new_id(mechanism: str) -> int:
-    """For tokens whose keys only their own tool can generate (TPM 2.0: tpm2_ptool addkey --id): the id
-    that marks the objects as one KeySealer key; give every object of the key the same id and label."""
-    print(new_token_object_id(BY_NAME[mechanism].mechanism).hex())
+def print_new_id(mechanism: str, with_key_id: bool = False) -> int:
+    """For tokens whose keys only their own tool can generate (TPM 2.0: tpm2_ptool addkey): the id that
+    marks the objects as one KeySealer key; give every object of the key the same id and label."""
+    object_id = new_token_object_id(BY_NAME[mechanism].mechanism)
+    key_id = KeyIdentity(object_id, label="").key_id  # derived from the id alone
+    print(f"{object_id.hex()} {key_id}" if with_key_id else object_id.hex())
     return EXIT_OK
 
 

@@ -52,7 +52,9 @@ def _secret(identity: KeyIdentity, key_type: int, length: int, **usage: bool) ->
 class KeyMechanism:
     mechanism: ClassVar[Mechanism]
     name: ClassVar[str]  # as the CLI takes it
-    needs: ClassVar[frozenset[int]]  # CKM_* the token must offer
+    needs: ClassVar[frozenset[int]]  # CKM_* the token must offer to use a key
+    # ... and to generate one (`keysealer keys create`); tokens whose own tool makes the keys (TPM 2.0) lack them.
+    generate_needs: ClassVar[frozenset[int]]
 
     def generate(self, session: Any, identity: KeyIdentity) -> None:
         raise NotImplementedError
@@ -67,7 +69,8 @@ class KeyMechanism:
 class AesGcm(KeyMechanism):
     mechanism = Mechanism.AES_256_GCM
     name = "aes-gcm"
-    needs = frozenset({PyKCS11.CKM_AES_GCM, PyKCS11.CKM_AES_KEY_GEN})
+    needs = frozenset({PyKCS11.CKM_AES_GCM})
+    generate_needs = frozenset({PyKCS11.CKM_AES_KEY_GEN})
 
     def generate(self, session: Any, identity: KeyIdentity) -> None:
         session.generateKey(_secret(identity, PyKCS11.CKK_AES, AES_KEY_BYTES, ENCRYPT=True, DECRYPT=True),
@@ -88,8 +91,8 @@ class AesCbcHmac(KeyMechanism):
 
     mechanism = Mechanism.AES_256_CBC_HMAC_SHA256
     name = "aes-cbc-hmac"
-    needs = frozenset({PyKCS11.CKM_AES_CBC, PyKCS11.CKM_SHA256_HMAC, PyKCS11.CKM_AES_KEY_GEN,
-                       PyKCS11.CKM_GENERIC_SECRET_KEY_GEN})
+    needs = frozenset({PyKCS11.CKM_AES_CBC, PyKCS11.CKM_SHA256_HMAC})
+    generate_needs = frozenset({PyKCS11.CKM_AES_KEY_GEN, PyKCS11.CKM_GENERIC_SECRET_KEY_GEN})
 
     def generate(self, session: Any, identity: KeyIdentity) -> None:
         session.generateKey(_secret(identity, PyKCS11.CKK_AES, AES_KEY_BYTES, ENCRYPT=True, DECRYPT=True),
@@ -127,7 +130,8 @@ class AesKeyWrapPad(KeyMechanism):
 
     mechanism = Mechanism.AES_256_KEY_WRAP_PAD
     name = "aes-kwp"
-    needs = frozenset({PyKCS11.CKM_AES_KEY_WRAP_PAD, PyKCS11.CKM_AES_KEY_GEN})
+    needs = frozenset({PyKCS11.CKM_AES_KEY_WRAP_PAD})
+    generate_needs = frozenset({PyKCS11.CKM_AES_KEY_GEN})
     _SEED_OBJECT: ClassVar[list[tuple[int, Any]]] = [
         (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_GENERIC_SECRET),
         (PyKCS11.CKA_TOKEN, False), (PyKCS11.CKA_SENSITIVE, False), (PyKCS11.CKA_EXTRACTABLE, True),
@@ -168,7 +172,8 @@ class RsaOaep(KeyMechanism):
 
     mechanism = Mechanism.RSA_3072_OAEP_SHA256
     name = "rsa-oaep"
-    needs = frozenset({PyKCS11.CKM_RSA_PKCS_OAEP, PyKCS11.CKM_RSA_PKCS_KEY_PAIR_GEN})
+    needs = frozenset({PyKCS11.CKM_RSA_PKCS_OAEP})
+    generate_needs = frozenset({PyKCS11.CKM_RSA_PKCS_KEY_PAIR_GEN})
     _hash, _mgf = PyKCS11.CKM_SHA256, PyKCS11.CKG_MGF1_SHA256
 
     def generate(self, session: Any, identity: KeyIdentity) -> None:
@@ -204,5 +209,5 @@ BY_NAME = {m.name: m for m in MECHANISMS.values()}
 
 
 def offered_by(token_mechanisms: set[int]) -> list[str]:
-    """The KeySealer mechanisms a token's mechanism list makes possible."""
+    """The KeySealer mechanisms whose keys a token's mechanism list lets us use."""
     return [m.name for m in MECHANISMS.values() if m.needs <= token_mechanisms]

@@ -6,9 +6,11 @@ holds key handles.
 """
 
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import PyKCS11
@@ -16,9 +18,11 @@ import PyKCS11
 from keysealer.hsm_broker.config import TokenConfig
 from keysealer.hsm_broker.key_naming import KeyIdentity, KeyVersion, current_version, is_keysealer_object_id
 from keysealer.hsm_broker.mechanisms import MECHANISMS, KeyObjects
+from keysealer.hsm_broker.pin import read_pin
 from keysealer.shared import ciphertext
 from keysealer.shared.errors import ErrorCode, KeySealerError
 from keysealer.shared.key_ids import key_id_for_ref, key_ref_for
+from keysealer.shared.process import FatalError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +124,9 @@ class TokenKey(KeyVersion):
 
 # Object roles, by (class, key type): the main object seals or unwraps, the helper completes it.
 _MAIN_OBJECTS = {(PyKCS11.CKO_SECRET_KEY, PyKCS11.CKK_AES), (PyKCS11.CKO_PRIVATE_KEY, PyKCS11.CKK_RSA)}
-_HELPER_OBJECTS = {(PyKCS11.CKO_SECRET_KEY, PyKCS11.CKK_GENERIC_SECRET), (PyKCS11.CKO_PUBLIC_KEY, PyKCS11.CKK_RSA)}
+# An HMAC key is a generic secret, or typed for its hash (tpm2_ptool addkey --algorithm hmac:sha256).
+_HELPER_OBJECTS = {(PyKCS11.CKO_SECRET_KEY, PyKCS11.CKK_GENERIC_SECRET),
+                   (PyKCS11.CKO_SECRET_KEY, PyKCS11.CKK_SHA256_HMAC), (PyKCS11.CKO_PUBLIC_KEY, PyKCS11.CKK_RSA)}
 
 
 def find_keys(session: Any) -> list[TokenKey]:
@@ -201,21 +207,67 @@ def _born_in_token(session: Any, handle: Any, object_id: bytes) -> bool:
     return False
 
 
+class StoreWatch:
+    """For a module that reads the token's objects only in C_Initialize (tpm2-pkcs11): whether the file it
+    reads them from (token.reinitialize_when_changed) changed, so that a restart of the module would find
+    new keys. Restarting it at every key refresh instead costs a login each time, and tpm2-pkcs11 keeps
+    about 2 kB of memory per restart."""
+
+    def __init__(self, config: TokenConfig, path: Path) -> None:
+        self.config = config
+        self._path = path
+        self._seen = self._digest()
+
+    def changed(self) -> bool:
+        now = self._digest()
+        changed, self._seen = now != self._seen, now
+        return changed
+
+    def _digest(self) -> bytes | None:
+        # The content, not the modification time: file times tick coarsely, a write just after a look
+        # could keep the time the look saw.
+        try:
+            return hashlib.sha256(self._path.read_bytes()).digest()
+        except OSError:
+            return None  # the module's own open says what is wrong with it
+
+
 class Token:
     """A logged-in session with the key handles it found; one per worker process, used by one thread."""
 
-    def __init__(self, current_label: str, lib: PyKCS11.PyKCS11Lib, slot: int, session: Any) -> None:
+    def __init__(self, current_label: str, lib: PyKCS11.PyKCS11Lib, slot: int, session: Any,
+                 store: StoreWatch | None = None) -> None:
         self._current_label = current_label
         self._lib = lib
         self._slot = slot
         self._session = session
+        self._store = store  # set for a module that reads the token's objects only in C_Initialize
         self.current: TokenKey | None = None
         self._by_ref: dict[bytes, TokenKey] = {}  # usable keys only: retired ones serve nothing
-        self.refresh_keys()
+        self._read_keys()
 
     def refresh_keys(self) -> None:
         """Read the token's key set again: another process (`keysealer keys create`, another node) may
         have added keys since."""
+        if self._store is not None and self._store.changed():
+            self._reinitialize(self._store.config)
+        self._read_keys()
+
+    def _reinitialize(self, config: TokenConfig) -> None:
+        """Finalize the module, then initialize it and log in again, so it reads the token's objects anew."""
+        self.shut()
+        try:
+            pin = read_pin(config.pin_file)
+        except FatalError as exc:  # the worker's next open says it again, with its exit code
+            raise TokenUnavailable(str(exc)) from None
+        try:
+            self._lib, self._slot, self._session = _start(config, pin)
+        except BadPin as exc:  # likewise
+            raise TokenUnavailable(str(exc)) from None
+        finally:
+            pin[:] = bytes(len(pin))
+
+    def _read_keys(self) -> None:
         try:
             keys = find_keys(self._session)
         except PyKCS11.PyKCS11Error as exc:
@@ -307,9 +359,15 @@ class Token:
             self._lib.unload()
 
 
-def open_token(config: TokenConfig, current_label: str, pin: bytearray) -> Token:
+def _start(config: TokenConfig, pin: bytearray) -> tuple[PyKCS11.PyKCS11Lib, int, Any]:
     lib = load_module(config)
     slot = find_slot(lib, config)
-    session = open_user_session(lib, slot, pin)
-    return Token(current_label, lib, slot, session)
+    return lib, slot, open_user_session(lib, slot, pin)
+
+
+def open_token(config: TokenConfig, current_label: str, pin: bytearray) -> Token:
+    store = config.reinitialize_when_changed
+    # Looked at before the module reads it: a change made meanwhile shows at the next key refresh.
+    watch = StoreWatch(config, store) if store is not None else None
+    return Token(current_label, *_start(config, pin), watch)
 

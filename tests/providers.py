@@ -57,6 +57,8 @@ PROVIDERS = (
     Provider("softhsm", "aes-gcm"),
     # p11-kit 0.24's client forwards RSA-OAEP with SHA-1 parameters but not AES-GCM's or CBC's.
     Provider("p11-kit-remote", "rsa-oaep-sha1"),
+    # A TPM has no AES-GCM, and tpm2-pkcs11 generates no keys through PKCS #11: tpm2_ptool makes them.
+    Provider("tpm2", "aes-cbc-hmac", own_key_tool=True),
     # openCryptoki 3.8 has no AES-GCM; CBC + HMAC is faster than its RSA-OAEP (which also works). Its one soft
     # token is global state: each run wipes the one an earlier run made (its label), and no other.
     Provider("opencryptoki", "aes-cbc-hmac",

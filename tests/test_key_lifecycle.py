@@ -191,11 +191,17 @@ def test_a_mechanism_the_token_does_not_offer_is_refused_naming_what_it_offers()
     from keysealer.hsm_broker.keys_cli import _choose_mechanism
     from keysealer.shared.process import UsageError
 
-    offered = {PyKCS11.CKM_AES_CBC, PyKCS11.CKM_SHA256_HMAC, PyKCS11.CKM_AES_KEY_GEN,
-               PyKCS11.CKM_GENERIC_SECRET_KEY_GEN}  # what a TPM 2.0 token offers of ours
-    with pytest.raises(UsageError, match=r"does not offer what aes-gcm needs; it offers: aes-cbc-hmac$"):
+    offered = {PyKCS11.CKM_AES_CBC, PyKCS11.CKM_SHA256_HMAC, PyKCS11.CKM_AES_KEY_GEN, PyKCS11.CKM_RSA_PKCS_OAEP,
+               PyKCS11.CKM_RSA_PKCS_KEY_PAIR_GEN}  # what tpm2-pkcs11 1.9 (TPM 2.0) lists of ours
+    with pytest.raises(UsageError,
+                       match=r"does not offer what aes-gcm needs; it offers: aes-cbc-hmac, rsa-oaep, rsa-oaep-sha1$"):
         _choose_mechanism(None, None, offered)
-    assert _choose_mechanism("aes-cbc-hmac", None, offered).name == "aes-cbc-hmac"
+    # It can use aes-cbc-hmac keys but not generate them: the message says where they come from.
+    with pytest.raises(UsageError, match=r"cannot generate aes-cbc-hmac keys \(it does not offer "
+                                         r"CKM_GENERIC_SECRET_KEY_GEN\); .* deploy/providers/tpm2/create-key.sh$"):
+        _choose_mechanism("aes-cbc-hmac", None, offered)
+    generating = offered | {PyKCS11.CKM_GENERIC_SECRET_KEY_GEN}
+    assert _choose_mechanism("aes-cbc-hmac", None, generating).name == "aes-cbc-hmac"
 
 
 def test_a_planted_public_key_beside_a_real_rsa_key_is_never_sealed_to(plugin: Plugin) -> None:
