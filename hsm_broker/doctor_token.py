@@ -42,7 +42,8 @@ _TOKEN_FLAGS = (
 )
 # What the broker relies on: the token generated the key and will never let its value out.
 _PROTECTION = (
-    (PyKCS11.CKA_SENSITIVE, True, "sensitive"), (PyKCS11.CKA_EXTRACTABLE, False, "non-extractable"),
+    (PyKCS11.CKA_LOCAL, True, "generated in the token"), (PyKCS11.CKA_SENSITIVE, True, "sensitive"),
+    (PyKCS11.CKA_EXTRACTABLE, False, "non-extractable"),
     (PyKCS11.CKA_ALWAYS_SENSITIVE, True, "always sensitive"),
     (PyKCS11.CKA_NEVER_EXTRACTABLE, True, "never extractable"),
 )

@@ -196,12 +196,13 @@ def _born_in_token(session: Any, handle: Any, object_id: bytes) -> bool:
     """Whether a secret or private key was generated in the token and never left it.
 
     Someone holding the PIN could import a key whose value they know, with our CKA_ID shape and the current
-    label; made current, it would let them unwrap every later seed offline. The token sets ALWAYS_SENSITIVE
-    and NEVER_EXTRACTABLE only for keys it generated that way, so imported keys are ignored.
+    label; made current, it would let them unwrap every later seed offline. CKA_LOCAL is true only for keys
+    the token generated; ALWAYS_SENSITIVE and NEVER_EXTRACTABLE say the value never left it. Both are
+    needed: openCryptoki 3.8 sets the latter two on a key imported as sensitive and non-extractable.
     """
-    always_sensitive, never_extractable = session.getAttributeValue(
-        handle, [PyKCS11.CKA_ALWAYS_SENSITIVE, PyKCS11.CKA_NEVER_EXTRACTABLE])
-    if always_sensitive and never_extractable:
+    local, always_sensitive, never_extractable = session.getAttributeValue(
+        handle, [PyKCS11.CKA_LOCAL, PyKCS11.CKA_ALWAYS_SENSITIVE, PyKCS11.CKA_NEVER_EXTRACTABLE])
+    if local and always_sensitive and never_extractable:
         return True
     _warn_once(object_id, "it was not generated in the token as a non-extractable key")
     return False

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from providers import PROVIDERS, Provider
 from keysealer.frontend.kmsv2 import api_pb2
 
 SEED_SIZES = (1, 32, 256)  # the apiserver sends 32; the bounds of what the plugin accepts
+KEY_REFRESH_WAIT_SECONDS = 12.0  # two of the workers' 5 s key refreshes, with slack
 
 
 @dataclass
@@ -120,3 +122,42 @@ def test_doctor_passes_every_check(served: ProviderPlugin) -> None:
                             capture_output=True, text=True, timeout=120, check=False)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "FAIL" not in doctor.stdout and served.provider.mechanism in doctor.stdout
+
+
+def test_a_key_imported_under_the_current_label_never_becomes_current(served: ProviderPlugin) -> None:
+    """Someone with the PIN imports an AES key whose value they know, sensitive and non-extractable, as a
+    newer version of the current label: the plugin must go on sealing under the token's own key."""
+    import PyKCS11
+
+    from keysealer.hsm_broker.config import load_broker_config
+    from keysealer.hsm_broker.key_naming import new_token_object_id
+    from keysealer.hsm_broker.token import find_slot, load_module, open_user_session
+
+    plugin = served.plugin
+    real_key = plugin.encrypt(os.urandom(32)).key_id
+    config = load_broker_config(plugin.layout.broker_config)
+    lib = load_module(config.token)
+    session = open_user_session(lib, find_slot(lib, config.token),
+                                bytearray((served.token_dir / "pin").read_bytes().strip()), rw=True)
+    try:
+        session.createObject([
+            (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
+            (PyKCS11.CKA_TOKEN, True), (PyKCS11.CKA_PRIVATE, True), (PyKCS11.CKA_SENSITIVE, True),
+            (PyKCS11.CKA_EXTRACTABLE, False), (PyKCS11.CKA_ENCRYPT, True), (PyKCS11.CKA_DECRYPT, True),
+            (PyKCS11.CKA_LABEL, config.keys.current_label), (PyKCS11.CKA_ID, new_token_object_id()),
+            (PyKCS11.CKA_VALUE, b"k" * 32),
+        ])
+    except PyKCS11.PyKCS11Error as exc:
+        pytest.skip(f"{served.provider.name} refuses to import a secret key ({exc}): nothing to plant")
+    finally:
+        session.logout()
+        session.closeSession()
+    assert plugin.broker is not None
+    os.kill(plugin.broker.pid, signal.SIGHUP)
+    deadline = time.monotonic() + KEY_REFRESH_WAIT_SECONDS
+    while time.monotonic() < deadline:  # long enough for every worker to re-read the keys, twice
+        seed = os.urandom(32)
+        encrypted = plugin.encrypt(seed)
+        assert encrypted.key_id == real_key
+        assert plugin.decrypt(encrypted) == seed
+        time.sleep(0.2)

@@ -250,5 +250,6 @@ def install(plugin: Any, control: Path | str, debug: bool = False,
     if Path(real).name.startswith("pkcs11_faults"):
         real = config["token"]["module_env"]["PKCS11_FAULTS_MODULE"]
     faults = FaultControl(control)
-    plugin.configure(broker={"token": {"module": str(build()), "module_env": faults.module_env(real, debug, cryptoki_version)}})
+    module_env = faults.module_env(real, debug, cryptoki_version)
+    plugin.configure(broker={"token": {"module": str(build()), "module_env": module_env}})
     return faults
