@@ -1,5 +1,6 @@
 """The broker's YAML config (every field is described in docs/configuration.md)."""
 
+import grp
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,9 @@ class BrokerConfig:
     ipc: IpcConfig
     # The account to run as when started by root (required then; "root" keeps root on purpose).
     user: str | None = None
+    # Supplementary groups kept after switching to `user`: the token's own (pkcs11 for openCryptoki, tss for
+    # /dev/tpmrm0). Nothing else is inherited from root or /etc/group.
+    groups: list[str] = field(default_factory=list)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
@@ -83,3 +87,8 @@ def _validate(config: BrokerConfig, path: Path) -> None:
         raise ConfigError(f"{path}: keys.current_label: must not be empty")
     if not config.ipc.client_keys:
         raise ConfigError(f"{path}: ipc.client_keys: list at least one frontend public key")
+    for group in config.groups:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"{path}: groups: no such group: {group!r}") from None

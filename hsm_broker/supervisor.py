@@ -159,7 +159,7 @@ class Supervisor:
         """Sockets are bound: become the service user, then lock down before the first worker exists, so
         every worker inherits the filter from its first instruction."""
         try:
-            if become_configured_user(self.config.user):
+            if become_configured_user(self.config.user, self.config.groups):
                 log.warning("running as root, as configured (user: root)")
             lock_down(allow_inet=self.config.sandbox.allow_inet)
         except SandboxError as exc:

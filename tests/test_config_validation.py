@@ -225,6 +225,8 @@ BROKER_ERRORS = [
     ("keys.current_label", "", "keys.current_label: must not be empty"),
     ("token.slot", 0, "token: set exactly one of token_label and slot"),  # both
     ("token.token_label", _DELETE, "token: set exactly one of token_label and slot"),  # neither
+    ("groups", "pkcs11", "groups: must be a list"),
+    ("groups", ["no-such-group-ks"], "groups: no such group: 'no-such-group-ks'"),
 ]
 
 
@@ -232,6 +234,11 @@ BROKER_ERRORS = [
 def test_broker_config_error(tmp_path: Path, field: str, value: Any, expected: str) -> None:
     data = edited(broker_data(tmp_path), field, value)
     assert expected in config_error(load_broker_config, write(tmp_path, data))
+
+
+def test_broker_groups_name_existing_groups(tmp_path: Path) -> None:
+    data = edited(broker_data(tmp_path), "groups", ["daemon"])
+    assert load_broker_config(write(tmp_path, data)).groups == ["daemon"]
 
 
 def test_broker_slot_must_not_be_a_bool(tmp_path: Path) -> None:

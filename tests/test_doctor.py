@@ -62,7 +62,8 @@ def test_a_healthy_setup_passes_every_check(setup: Plugin) -> None:
     assert "'keysealer-dev'" in checks["token"][1]
     assert "aes-gcm" in checks["mechanisms"][1]
     key_id = setup.keys("list").stdout.splitlines()[1].split()[0]
-    assert checks["current key"][1].startswith(f"{key_id} (aes-gcm): generated in the token, sensitive, non-extractable")
+    protection = "generated in the token, sensitive, non-extractable"
+    assert checks["current key"][1].startswith(f"{key_id} (aes-gcm): {protection}")
     assert key_id in checks["wrap/unwrap"][1]
     assert f"{key_id}  'keysealer-kek'  aes-gcm" in output  # the key list under "keys"
 
