@@ -54,8 +54,11 @@ class KeyIdentity:
         return key_id_for_ref(self.key_ref)
 
 
-def new_token_object_id(mechanism: Mechanism = Mechanism.AES_256_GCM) -> bytes:
-    return ID_MAGIC + bytes((mechanism,)) + struct.pack(">Q", int(time.time())) + os.urandom(16)
+def new_token_object_id(mechanism: Mechanism = Mechanism.AES_256_GCM, newer_than: KeyIdentity | None = None) -> bytes:
+    """A fresh id; with `newer_than`, its creation second is later than that key's even when both are made
+    in the same second, so the new key is the newest version of its label (ties would go by random id)."""
+    created = max(int(time.time()), newer_than.created + 1 if newer_than is not None else 0)
+    return ID_MAGIC + bytes((mechanism,)) + struct.pack(">Q", created) + os.urandom(16)
 
 
 def is_keysealer_object_id(token_object_id: bytes) -> bool:

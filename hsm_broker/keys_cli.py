@@ -76,7 +76,7 @@ def create_key(config_path: Path, label: str | None, if_missing: bool = False, m
             print(f"key {existing.key_id} (label {label!r}) exists already")
             return EXIT_OK
         chosen = _choose_mechanism(mechanism, existing, token.offered)
-        identity = KeyIdentity(new_token_object_id(chosen.mechanism), label)
+        identity = KeyIdentity(new_token_object_id(chosen.mechanism, newer_than=existing), label)
         try:
             chosen.generate(token.session, identity)
         except PyKCS11.PyKCS11Error as exc:

@@ -507,6 +507,21 @@ def test_new_token_object_id_uses_the_current_time() -> None:
     assert before <= created <= int(time.time())
 
 
+def test_a_new_version_is_newer_than_the_one_it_follows_even_within_one_second() -> None:
+    """Versions of a label are ordered by creation second, ties by the random part: a rotation made in
+    the same second as (or, with a clock set back, before) the previous version must still come after it."""
+    import time
+
+    previous = KeyIdentity(new_token_object_id(), "kek")
+    for _ in range(5):  # each made well within one second of the previous
+        following = KeyIdentity(new_token_object_id(newer_than=previous), "kek")
+        assert newest_with_label([previous, following], "kek") == following
+        previous = following
+    ahead = KeyIdentity(ID_MAGIC + bytes((Mechanism.AES_256_GCM,)) + (int(time.time()) + 3600).to_bytes(8, "big")
+                        + bytes(16), "kek")
+    assert KeyIdentity(new_token_object_id(newer_than=ahead), "kek").created == ahead.created + 1
+
+
 @pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
 def test_new_token_object_id_random_part_differs(mechanism: Mechanism) -> None:
     ids = [new_token_object_id(mechanism) for _ in range(50)]
