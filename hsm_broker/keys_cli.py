@@ -129,10 +129,16 @@ def _destroy(session: Any, key: TokenKey) -> None:
             session.destroyObject(handle)
 
 
-def print_new_id(mechanism: str, with_key_id: bool = False) -> int:
+def print_new_id(mechanism: str, with_key_id: bool = False, config_path: Path | None = None) -> int:
     """For tokens whose keys only their own tool can generate (TPM 2.0: tpm2_ptool addkey): the id that
-    marks the objects as one KeySealer key; give every object of the key the same id and label."""
-    object_id = new_token_object_id(BY_NAME[mechanism].mechanism)
+    marks the objects as one KeySealer key; give every object of the key the same id and label. With the
+    broker's config, the id sorts after the current label's newest version even within the same second."""
+    newest = None
+    if config_path is not None:
+        config = load_broker_config(config_path)
+        with _user_session(config) as token:
+            newest = newest_with_label([k.identity for k in find_keys(token.session)], config.keys.current_label)
+    object_id = new_token_object_id(BY_NAME[mechanism].mechanism, newer_than=newest)
     key_id = KeyIdentity(object_id, label="").key_id  # derived from the id alone
     print(f"{object_id.hex()} {key_id}" if with_key_id else object_id.hex())
     return EXIT_OK

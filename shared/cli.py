@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="how the key will seal seeds (recorded in the id)")
     new_id.add_argument("--with-key-id", action="store_true",
                         help="also print the key_id the key will have, after the CKA_ID and a space")
+    new_id.add_argument("--config", type=Path,
+                        help="broker YAML config: the id then sorts after the current key's newest version")
     init = keys.add_parser("init-token", help="initialise a software token with the configured label")
     init.add_argument("--config", type=Path, required=True, help="broker YAML config")
     init.add_argument("--so-pin-file", type=Path, required=True, help="file holding the new SO PIN (0600)")
@@ -93,7 +95,7 @@ def _run() -> int:
     if args.keys_command == "rotate":
         return keys_cli.rotate_key(args.config, args.mechanism)
     if args.keys_command == "new-id":
-        return keys_cli.print_new_id(args.mechanism, args.with_key_id)
+        return keys_cli.print_new_id(args.mechanism, args.with_key_id, args.config)
     if args.keys_command == "retire":
         return keys_cli.retire_key(args.config, args.key_id, args.force, args.destroy, args.yes)
     return keys_cli.init_token(args.config, args.so_pin_file)

@@ -19,7 +19,7 @@ esac
 source "$STATE_DIR/tools.env"
 token=$(sed -n 's/^token_label: //p' "$STATE_DIR/token.yaml")
 label=$(python3 -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["keys"]["current_label"])' "$config")
-read -r object_id key_id < <(keysealer keys new-id --mechanism "$mechanism" --with-key-id)
+read -r object_id key_id < <(keysealer keys new-id --mechanism "$mechanism" --with-key-id --config "$config")
 
 # tpm2_ptool stores --id as the bytes of the text it is given and cannot take binary: each object is made
 # with the id's hex as its text, then gets its binary id (the one KeySealer reads) with objmod.
