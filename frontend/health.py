@@ -15,6 +15,7 @@ from keysealer.frontend.broker_client import BrokerClient
 from keysealer.frontend.config import HealthConfig
 from keysealer.frontend.metrics import Metrics
 from keysealer.shared.errors import ErrorCode, KeySealerError
+from keysealer.shared.ipc_schema import MAX_KEY_IDS_REPORTED
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class HealthMonitor:
         self._timeout = call_timeout
         self._key_id = ""
         self._known_key_ids: frozenset[str] = frozenset()
+        # The broker reports at most MAX_KEY_IDS_REPORTED ids, the newest: a full list may leave keys out.
+        self._key_list_cut = False
         self._keys_refreshed = 0.0
         self._last_success = float("-inf")
         self._success_epoch = -1
@@ -92,7 +95,8 @@ class HealthMonitor:
         trusted = time.monotonic() - self._keys_refreshed <= self._config.max_age_seconds
         if not (trusted and self._client.connected):
             raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, f"cannot check the key_id: {self.current().reason}")
-        return False
+        # An older key left out of a cut list: the broker, which checks every id itself, decides.
+        return self._key_list_cut
 
     async def _run(self) -> None:
         # The first probe waits (briefly) for the handshake, rather than report a broker that is merely
@@ -137,6 +141,7 @@ class HealthMonitor:
         self._metrics.set_current_key(health.current_key_id)
         if any(w.state == "ready" for w in health.workers):  # a key set from ready workers: trustworthy
             self._known_key_ids = frozenset(health.key_ids)
+            self._key_list_cut = len(health.key_ids) >= MAX_KEY_IDS_REPORTED
             self._keys_refreshed = time.monotonic()
         if health.current_key_id:
             self._key_id = health.current_key_id

@@ -248,3 +248,39 @@ def test_a_planted_public_key_beside_a_real_rsa_key_is_never_sealed_to(plugin: P
         assert plugin.decrypt(encrypted) == seed  # sealed to the token's pair, not the attacker's
     session.logout()
     session.closeSession()
+
+
+def test_keys_older_than_the_newest_1024_still_decrypt(state_dir: Path) -> None:
+    """The broker's health reply lists only the newest 1024 usable keys: a key left out of it must still
+    decrypt (the frontend lets the broker, which knows every key, decide)."""
+    from keysealer.frontend.kmsv2 import api_pb2
+    from keysealer.hsm_broker.config import load_broker_config
+    from keysealer.hsm_broker.key_naming import KeyIdentity, new_token_object_id
+    from keysealer.hsm_broker.mechanisms import AesGcm
+    from keysealer.hsm_broker.token import find_slot, load_module, open_user_session
+    from keysealer.shared.ipc_schema import MAX_KEY_IDS_REPORTED
+
+    plugin = Plugin(state_dir)
+    plugin.start()
+    seed = os.urandom(32)
+    oldest = plugin.encrypt(seed)
+    plugin.stop()
+    config = load_broker_config(plugin.layout.broker_config)
+    lib = load_module(config.token)
+    session = open_user_session(lib, find_slot(lib, config.token), bytearray(plugin.layout.pin.read_bytes().strip()),
+                                rw=True)
+    try:
+        for _ in range(MAX_KEY_IDS_REPORTED):  # newer keys of another label: the current key stays
+            AesGcm().generate(session, KeyIdentity(new_token_object_id(), "filler"))
+    finally:
+        session.logout()
+        session.closeSession()
+    plugin.start()
+    try:
+        assert plugin.decrypt(oldest) == seed
+        assert plugin.encrypt(seed).key_id == oldest.key_id
+        with pytest.raises(grpc.RpcError) as unknown:  # an id the token does not hold is still refused
+            plugin.decrypt(api_pb2.EncryptResponse(ciphertext=oldest.ciphertext, key_id="ks1-" + "0" * 32))
+        assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        plugin.stop()
