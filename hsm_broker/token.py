@@ -21,7 +21,7 @@ from keysealer.hsm_broker.mechanisms import MECHANISMS, KeyObjects
 from keysealer.hsm_broker.pin import read_pin
 from keysealer.shared import ciphertext
 from keysealer.shared.errors import ErrorCode, KeySealerError
-from keysealer.shared.key_ids import key_id_for_ref, key_ref_for
+from keysealer.shared.key_ids import key_id_for_ref, key_ref_for, key_ref_for_id
 from keysealer.shared.process import FatalError
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,9 @@ class Token:
         return [k.identity.key_id for k in newest_first]
 
     def key_by_id(self, key_id: str) -> TokenKey | None:
-        return next((k for k in self._by_ref.values() if k.identity.key_id == key_id), None)
+        # Looked up on every wrap and unwrap: by the reference the id spells, not by hashing every key's id.
+        key_ref = key_ref_for_id(key_id)
+        return self._by_ref.get(key_ref) if key_ref is not None else None
 
     def wrap(self, plaintext: bytes, key: TokenKey | None = None) -> tuple[bytes, str]:
         key = key or self.current

@@ -22,5 +22,10 @@ def key_id_for_ref(key_ref: bytes) -> str:
     return _KEY_ID_PREFIX + key_ref.hex()
 
 
+def key_ref_for_id(key_id: str) -> bytes | None:
+    """The key reference a key id spells (the inverse of key_id_for_ref); None for a malformed id."""
+    return bytes.fromhex(key_id[len(_KEY_ID_PREFIX):]) if is_well_formed_key_id(key_id) else None
+
+
 def is_well_formed_key_id(key_id: str) -> bool:
     return _KEY_ID_PATTERN.fullmatch(key_id) is not None

@@ -47,7 +47,7 @@ from keysealer.shared.ciphertext import (
     parse,
 )
 from keysealer.shared.errors import ErrorCode, KeySealerError
-from keysealer.shared.key_ids import KEY_REF_LEN, is_well_formed_key_id, key_id_for_ref, key_ref_for
+from keysealer.shared.key_ids import KEY_REF_LEN, is_well_formed_key_id, key_id_for_ref, key_ref_for, key_ref_for_id
 
 KEY_REF = bytes(range(0x10, 0x10 + KEY_REF_LEN))
 MECHANISMS = list(Mechanism)
@@ -428,6 +428,7 @@ def test_every_derived_key_id_is_well_formed(ref: bytes) -> None:
     key_id = key_id_for_ref(ref)
     assert is_well_formed_key_id(key_id)
     assert bytes.fromhex(key_id.removeprefix("ks1-")) == ref
+    assert key_ref_for_id(key_id) == ref
 
 
 GOOD_ID = "ks1-" + "0123456789abcdef" * 2
@@ -461,6 +462,7 @@ def test_is_well_formed_key_id_accepts_derived_ids() -> None:
 @pytest.mark.parametrize("key_id", BAD_IDS, ids=repr)
 def test_is_well_formed_key_id_refuses_variants(key_id: str) -> None:
     assert not is_well_formed_key_id(key_id)
+    assert key_ref_for_id(key_id) is None
 
 
 # --- key naming in the token --------------------------------------------------------------------------
