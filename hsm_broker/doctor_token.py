@@ -6,7 +6,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import PyKCS11
 from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.doctor_findings import Check, Outcome, failed, passed, warned
 from keysealer.hsm_broker.key_naming import current_version, newest_with_label, version_state
-from keysealer.hsm_broker.mechanisms import MECHANISMS, offered_by
+from keysealer.hsm_broker.mechanisms import MECHANISMS, ckm_names, offered_by
 from keysealer.hsm_broker.pin import pin_path, read_pin
 from keysealer.hsm_broker.token import (
     SELF_TEST_BYTES,
@@ -57,10 +57,6 @@ def _text(value: str) -> str:
 
 def _token_name(info: Any) -> str:
     return repr(_text(info.label)) if info.flags & PyKCS11.CKF_TOKEN_INITIALIZED else "an uninitialized token"
-
-
-def _names(mechanisms: Iterable[int]) -> str:
-    return ", ".join(sorted(str(PyKCS11.CKM[m]) for m in mechanisms))
 
 
 def _token_errors_fail(run: Callable[[], Outcome]) -> Callable[[], Outcome]:
@@ -175,7 +171,7 @@ class TokenCheckup:
     def _mechanisms(self) -> Outcome:
         self._offered = offered_mechanisms(self._lib, self._slot)
         usable = offered_by(self._offered)
-        missing = [f"{m.name}: the token does not offer {_names(m.needs - self._offered)}"
+        missing = [f"{m.name}: the token does not offer {ckm_names(m.needs - self._offered)}"
                    for m in MECHANISMS.values() if m.name not in usable]
         if not usable:
             return warned("the token offers what none of KeySealer's mechanisms needs", None, missing)
@@ -243,7 +239,7 @@ class TokenCheckup:
                           uses)
         message = f"{key.identity.key_id} ({mechanism.name}): " + ", ".join(name for _, _, name in _PROTECTION)
         if mechanism.needs - self._offered:
-            return warned(f"{message}; the token does not list {_names(mechanism.needs - self._offered)}, which "
+            return warned(f"{message}; the token does not list {ckm_names(mechanism.needs - self._offered)}, which "
                           f"{mechanism.name} needs", None, uses)
         return passed(message, uses)
 

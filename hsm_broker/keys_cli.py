@@ -22,7 +22,7 @@ from keysealer.hsm_broker.key_naming import (
     newest_with_label,
     version_state,
 )
-from keysealer.hsm_broker.mechanisms import BY_NAME, MECHANISMS, KeyMechanism, offered_by
+from keysealer.hsm_broker.mechanisms import BY_NAME, MECHANISMS, KeyMechanism, ckm_names, offered_by
 from keysealer.hsm_broker.pin import read_pin, read_pin_file
 from keysealer.hsm_broker.token import (
     BadPin,
@@ -98,8 +98,8 @@ def _choose_mechanism(name: str | None, previous: KeyIdentity | None, offered: s
         usable = ", ".join(offered_by(offered)) or "none of KeySealer's mechanisms"
         raise UsageError(f"the token does not offer what {chosen.name} needs; it offers: {usable}")
     if missing := chosen.generate_needs - offered:
-        names = ", ".join(sorted(PyKCS11.CKM[m] for m in missing))
-        raise UsageError(f"the token cannot generate {chosen.name} keys (it does not offer {names}); {_OWN_TOOL}")
+        raise UsageError(f"the token cannot generate {chosen.name} keys (it does not offer {ckm_names(missing)}); "
+                         f"{_OWN_TOOL}")
     return chosen
 
 

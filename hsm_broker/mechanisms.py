@@ -5,6 +5,7 @@ and how to seal and open a seed with them. Every cryptographic operation runs in
 import contextlib
 import hmac
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -206,6 +207,11 @@ MECHANISMS: dict[Mechanism, KeyMechanism] = {
     m.mechanism: m for m in (AesGcm(), AesCbcHmac(), AesKeyWrapPad(), RsaOaep(), RsaOaepSha1())
 }
 BY_NAME = {m.name: m for m in MECHANISMS.values()}
+
+
+def ckm_names(mechanisms: Iterable[int]) -> str:
+    """CKM_* codes as PyKCS11 names them, sorted, for messages."""
+    return ", ".join(sorted(str(PyKCS11.CKM[m]) for m in mechanisms))
 
 
 def offered_by(token_mechanisms: set[int]) -> list[str]:
