@@ -20,6 +20,7 @@ from keysealer.frontend.kmsv2 import api_pb2_grpc as v2_grpc
 from keysealer.frontend.metrics import Metrics
 from keysealer.frontend.service import Forwarder, KmsService, KmsV1Service
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
+from keysealer.shared.open_files import raise_open_file_limit
 from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
 from keysealer.shared.sandbox import SandboxError, become_configured_user, lock_down, require_user_if_root
 from keysealer.shared.socket_path import claim_socket_path, group_id, remove_socket, umask
@@ -38,6 +39,7 @@ async def serve(config: FrontendConfig) -> int:
         require_user_if_root(config.user)
     except SandboxError as exc:
         raise FatalError(str(exc), EXIT_USAGE) from None
+    raise_open_file_limit()  # before any listener: 1,024 idle connections must not starve us
     path = config.listen.socket
     claim_socket_path(path)
     gid = None if config.listen.group is None else group_id(config.listen.group, "listen.group")
