@@ -51,6 +51,7 @@ METADATA_HARD_BYTES = 16 * 1024
 # dropped.
 KEEPALIVE_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 20_000
+STREAM_HEADROOM = 1024
 
 
 def _server_options(config: FrontendConfig) -> list[tuple[str, int]]:
@@ -65,9 +66,10 @@ def _server_options(config: FrontendConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_grace_ms", call_timeout_ms + 1000),
         ("grpc.max_metadata_size", METADATA_SOFT_BYTES),
         ("grpc.absolute_max_metadata_size", METADATA_HARD_BYTES),
-        # Calls past max_in_flight must still reach the call gate, to be refused at once rather than
-        # queued by the client: room for as many again (and Status) before gRPC holds streams back.
-        ("grpc.max_concurrent_streams", 2 * config.limits.max_in_flight),
+        # Streams one connection may hold open. Calls past max_in_flight must still reach the call gate,
+        # to be refused at once (a client may open streams before it has read this setting, and gRPC
+        # resets those past the limit): ample room for them and Status.
+        ("grpc.max_concurrent_streams", config.limits.max_in_flight + STREAM_HEADROOM),
         ("grpc.keepalive_time_ms", KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         # gRPC's defaults, stated: a peer pinging more than every 5 min without calls is sent GOAWAY

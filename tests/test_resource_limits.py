@@ -225,3 +225,35 @@ def test_idle_connections_to_kms_sock_do_not_starve_the_frontend(state_dir: Path
             assert_serves(plugin)  # on the connection opened before the attack, as the apiserver's
     finally:
         plugin.stop()
+
+
+# -- the metrics and health endpoint ----------------------------------------------------------------------
+
+
+def http_get(path: Path, target: str, timeout: float = 3.0) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        sock.settimeout(timeout)
+        sock.sendall(f"GET {target} HTTP/1.0\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_an_idle_client_does_not_block_the_health_endpoints(shared_plugin: Plugin) -> None:
+    path = shared_plugin.layout.metrics_socket
+    with idle_connections(path, 3), idle_connections(path, 3, b"GET /livez HTTP/1.1\r\n"):  # never finished
+        for target in ("/livez", "/readyz", "/metrics"):
+            assert http_get(path, target).startswith(b"HTTP/1.0 200"), target
+
+
+def test_a_client_that_hangs_up_leaves_no_traceback(shared_plugin: Plugin) -> None:
+    path = shared_plugin.layout.metrics_socket
+    for _ in range(10):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(path))
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        # closed before the answer: the server's write fails
+        assert http_get(path, "/livez").startswith(b"HTTP/1.0 200")
+    assert "Traceback" not in shared_plugin.log("frontend.log")
