@@ -38,11 +38,12 @@ MAX_CONNECTIONS = 16
 # A connection that has not sent the HTTP/2 preface and SETTINGS by then is closed.
 HANDSHAKE_MS = 5_000
 # A connection with no call for this long gets a GOAWAY (a gRPC client reconnects when it next calls).
-IDLE_MS = 60_000
-# Every connection is recycled after this long, so one that streams an endless header block (HEADERS
-# then CONTINUATION frames, which gRPC parses without bound until END_HEADERS) holds its memory only
-# this long; calls in flight get the grace below to finish.
-MAX_AGE_MS = 60_000
+# Twice the apiserver's Status poll (once a minute), so its own connection never idles out.
+IDLE_MS = 120_000
+# Every connection is recycled after this long, so one that holds a call open without finishing it, or
+# streams an endless header block (HEADERS then CONTINUATION frames, which gRPC holds until END_HEADERS),
+# keeps its slot and memory only this long; calls in flight get the grace below to finish.
+MAX_AGE_MS = 300_000
 # Request metadata (headers): the apiserver sends a few hundred bytes. gRPC refuses a call above the hard
 # limit, and advertises the soft one as SETTINGS_MAX_HEADER_LIST_SIZE.
 METADATA_SOFT_BYTES = 8 * 1024
