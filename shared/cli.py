@@ -3,12 +3,9 @@
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from keysealer.shared.etcd_reader import DEFAULT_PAGE_SIZE, EtcdOptions  # standard library only
 from keysealer.shared.process import EXIT_OK, UsageError, run_main
-
-if TYPE_CHECKING:
-    from keysealer.shared.etcd_reader import EtcdOptions
 
 PROGRAM = "keysealer"
 DEFAULT_STATE_DIR = Path(".keysealer")
@@ -87,15 +84,17 @@ def _add_etcd_flags(parser: argparse.ArgumentParser, what: str, required: bool =
     parser.add_argument("--etcd-cert", type=Path, help="client certificate (the apiserver's etcd client one)")
     parser.add_argument("--etcd-key", type=Path, help="client certificate's key")
     parser.add_argument("--prefix", default="/registry", help="the apiserver's --etcd-prefix (default /registry)")
+    parser.add_argument("--etcd-page-size", type=int, default=DEFAULT_PAGE_SIZE,
+                        help=f"objects per etcd read (default {DEFAULT_PAGE_SIZE}; lower it for very large values)")
 
 
-def _etcd_options(args: argparse.Namespace) -> "EtcdOptions | None":
-    from keysealer.shared.etcd_reader import EtcdOptions
-
+def _etcd_options(args: argparse.Namespace) -> EtcdOptions | None:
     if not args.etcd_endpoints:
         return None
+    if args.etcd_page_size < 1:
+        raise UsageError("--etcd-page-size must be at least 1")
     endpoints = tuple(url.strip() for url in args.etcd_endpoints.split(",") if url.strip())
-    return EtcdOptions(endpoints, args.etcd_cacert, args.etcd_cert, args.etcd_key)
+    return EtcdOptions(endpoints, args.etcd_cacert, args.etcd_cert, args.etcd_key, page_size=args.etcd_page_size)
 
 
 def _run() -> int:
