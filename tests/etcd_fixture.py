@@ -138,6 +138,13 @@ class Etcd:
     def put(self, key: bytes, value: bytes) -> None:
         self._call("/v3/kv/put", {"key": base64.b64encode(key).decode(), "value": base64.b64encode(value).decode()})
 
+    def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Many puts in transactions of at most 128 (etcd's default --max-txn-ops)."""
+        for start in range(0, len(items), 128):
+            self._call("/v3/kv/txn", {"success": [
+                {"requestPut": {"key": base64.b64encode(key).decode(), "value": base64.b64encode(value).decode()}}
+                for key, value in items[start:start + 128]]})
+
     def revision(self) -> int:
         """etcd's store revision, which every write (put, delete, txn) increments."""
         answer = self._call("/v3/kv/range", {"key": base64.b64encode(b"\0").decode(), "limit": 1})

@@ -4,40 +4,24 @@ written byte for byte as kube-apiserver writes them, with seeds encrypted by the
 The module shares one etcd and one plugin; the test that destroys a key runs last (file order).
 """
 
-import importlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from apiserver_values import AES_GCM_KEY, ApiserverValues
 from etcd_fixture import Etcd, Pki, free_port, running_etcd
-from grpc_tools import protoc
 from harness import Plugin, created_key_id, running_plugin, short_tmp_dir
 
 from keysealer.frontend.kmsv2 import api_pb2
 
 PROVIDER = "keysealer"
-HKDF_SEED, AES_GCM_KEY = 1, 0
-
-
-def compiled_proto(into: Path) -> ModuleType:
-    """The apiserver's EncryptedObject message, compiled by protoc (not our parser's code)."""
-    source = Path(__file__).parent / "proto"
-    code = protoc.main(["protoc", f"-I{source}", f"--python_out={into}", str(source / "kms_encrypted_object.proto")])
-    assert code == 0
-    sys.path.insert(0, str(into))
-    try:
-        return importlib.import_module("kms_encrypted_object_pb2")
-    finally:
-        sys.path.remove(str(into))
 
 
 @dataclass
@@ -68,17 +52,11 @@ def rotate(plugin: Plugin) -> str:
     return key_id
 
 
-def fill(etcd: Etcd, plugin: Plugin, pb: ModuleType) -> dict[str, str]:
+def fill(etcd: Etcd, plugin: Plugin, values: ApiserverValues) -> dict[str, str]:
     """Objects under several providers, keys and seeds, plaintext and malformed values (expected counts in
     test_counts_every_object_exactly)."""
     prefix = f"k8s:enc:kms:v2:{PROVIDER}:".encode()
-
-    def kms_object(seed: Any, source_type: int = HKDF_SEED, key_id: str | None = None,
-                   source: bytes | None = None) -> bytes:
-        message = pb.EncryptedObject(encryptedData=os.urandom(40), keyID=seed.key_id if key_id is None else key_id,
-                                     encryptedDEKSource=seed.ciphertext if source is None else source,
-                                     annotations=dict(seed.annotations), encryptedDEKSourceType=source_type)
-        return bytes(message.SerializeToString())
+    kms_object = values.encrypted_object
 
     def put(key: str, value: bytes) -> None:
         etcd.put(key.encode(), value)
@@ -142,9 +120,9 @@ def fill(etcd: Etcd, plugin: Plugin, pb: ModuleType) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def store() -> Iterator[Store]:
     root = short_tmp_dir()
-    pb = compiled_proto(root)
+    values = ApiserverValues(root)
     with running_etcd(root / "etcd") as etcd, running_plugin(root / "plugin") as plugin:
-        keys = fill(etcd, plugin, pb)
+        keys = fill(etcd, plugin, values)
         yield Store(etcd, plugin, keys, etcd.revision())
     shutil.rmtree(root, ignore_errors=True)
 
