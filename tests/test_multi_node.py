@@ -175,10 +175,11 @@ def test_three_nodes_on_one_token_through_p11_kit_remote() -> None:
 
 def sync_token(source: Path, target: Path) -> None:
     """Make target's SoftHSM token directory a copy of source's, as an operator replicating an HSM would:
-    new and changed object files first, each written aside and renamed into place, the token file
-    (whose generation tells SoftHSM to re-read the directory) last; lock files stay each node's own."""
+    new and changed object files first, each written aside and renamed into place, then the generation
+    and token files (which tell SoftHSM to re-read the directory); lock files stay each node's own."""
+    last = {"generation": 1, "token.object": 2}
     names = sorted((p.name for p in source.iterdir() if not p.name.endswith(".lock")),
-                   key=lambda name: name == "token.object")
+                   key=lambda name: last.get(name, 0))
     for name in names:
         if not (target / name).exists() or not filecmp.cmp(source / name, target / name, shallow=False):
             shutil.copyfile(source / name, target / f".{name}.sync")
