@@ -94,6 +94,8 @@ def _etcd_options(args: argparse.Namespace) -> EtcdOptions | None:
     if args.etcd_page_size < 1:
         raise UsageError("--etcd-page-size must be at least 1")
     endpoints = tuple(url.strip() for url in args.etcd_endpoints.split(",") if url.strip())
+    if not endpoints:
+        raise UsageError("--etcd-endpoints names no URL")
     return EtcdOptions(endpoints, args.etcd_cacert, args.etcd_cert, args.etcd_key, page_size=args.etcd_page_size)
 
 

@@ -158,10 +158,15 @@ def test_counts_every_object_exactly(unchanged: Store) -> None:
     assert all(key.startswith("/registry/secrets/default/bad-") for key in document["unparsable_keys"])
 
 
-def test_pages_of_any_size_give_the_same_counts(unchanged: Store) -> None:
+def test_pages_of_any_size_and_a_dead_endpoint_give_the_same_counts(unchanged: Store) -> None:
     whole = usage_json(unchanged, "--etcd-page-size", "1000")
     assert usage_json(unchanged, "--etcd-page-size", "4") == whole
     assert usage_json(unchanged, "--etcd-page-size", "1") == whole
+    flags = unchanged.etcd.flags()
+    flags[1] = f"https://127.0.0.1:{free_port()},{flags[1]}"  # the first member is down: the next one answers
+    result = usage(unchanged, "--json", etcd_flags=flags)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == whole
 
 
 def test_without_config_states_are_unknown_and_text_names_each_key(unchanged: Store) -> None:
@@ -218,6 +223,7 @@ def test_bad_input_is_one_line_and_exit_2(unchanged: Store, tmp_path: Path) -> N
     assert "cannot load" in one_line_error(usage(unchanged, etcd_flags=with_flag("--etcd-cert", "/nonexistent.crt")))
     assert "nothing is stored under /nothing-here/" in one_line_error(
         usage(unchanged, etcd_flags=with_flag("--prefix", "/nothing-here")))
+    assert "names no URL" in one_line_error(usage(unchanged, etcd_flags=with_flag("--etcd-endpoints", ",")))
     assert "http(s)://" in one_line_error(usage(unchanged, etcd_flags=with_flag("--etcd-endpoints", "ftp://x")))
     assert "--socket" in one_line_error(usage(unchanged, "--verify"))
     assert "cannot verify" in one_line_error(usage(unchanged, "--verify", "--socket", str(tmp_path / "none.sock")))
