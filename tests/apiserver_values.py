@@ -27,10 +27,15 @@ class ApiserverValues:
         finally:
             sys.path.remove(str(build_dir))
 
+    @property
+    def message_class(self) -> Any:
+        """protoc's EncryptedObject class: the reference encoder and parser."""
+        return self._pb.EncryptedObject
+
     def encrypted_object(self, seed: Any, source_type: int = HKDF_SEED, key_id: str | None = None,
                          source: bytes | None = None, data_size: int = 40) -> bytes:
         """The protobuf after the prefix; `seed` is what the plugin's Encrypt returned."""
-        message = self._pb.EncryptedObject(
+        message = self.message_class(
             encryptedData=os.urandom(data_size), keyID=seed.key_id if key_id is None else key_id,
             encryptedDEKSource=seed.ciphertext if source is None else source,
             annotations=dict(seed.annotations), encryptedDEKSourceType=source_type)
