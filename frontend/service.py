@@ -32,9 +32,16 @@ class Forwarder:
 
     async def unwrap(self, ciphertext: bytes, key_id: str, timeout: float) -> bytes:
         """`ciphertext` and `key_id` were validated by the caller, against their API's rules."""
-        if not await self._health.is_known_key(key_id):
-            raise KeySealerError(ErrorCode.UNKNOWN_KEY, "key_id is not a key this plugin holds")
-        return (await self._client.unwrap(ciphertext, key_id, timeout)).plaintext
+        known = await self._health.is_known_key(key_id)
+        # An id missing from the broker's key set may still be a key made moments ago on another node: the
+        # workers list the token's keys every 5 s, but look in the token again (at most once a second)
+        # when asked for a key they lack. So the broker decides, and its "unknown" becomes our refusal.
+        try:
+            return (await self._client.unwrap(ciphertext, key_id, timeout)).plaintext
+        except KeySealerError as exc:
+            if exc.code is ErrorCode.UNKNOWN_KEY and not known:
+                raise KeySealerError(ErrorCode.UNKNOWN_KEY, "key_id is not a key this plugin holds") from None
+            raise
 
 
 class KmsService(v2_grpc.KeyManagementServiceServicer):

@@ -36,6 +36,8 @@ from keysealer.hsm_broker.token import (
     open_user_session,
 )
 from keysealer.shared.ciphertext import Mechanism, header_for
+from keysealer.shared.etcd_reader import EtcdOptions
+from keysealer.shared.key_usage import resources_line, scan
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, FatalError, UsageError
 
 
@@ -151,23 +153,45 @@ def rotate_key(config_path: Path, mechanism: str | None = None) -> int:
     return code
 
 
-def list_keys(config_path: Path) -> int:
+def _keys_with_states(config_path: Path) -> list[tuple[TokenKey, str]]:
+    """Every KeySealer key in the token, oldest first, with its state (current, decrypt-only, retired)."""
     config = load_broker_config(config_path)
     with _user_session(config) as token:
         keys = find_keys(token.session)
     current = current_version(list(keys), config.keys.current_label)
+    ordered = sorted(keys, key=lambda k: (k.identity.created, k.identity.token_object_id))
+    return [(key, version_state(key, current)) for key in ordered]
+
+
+def key_states(config_path: Path) -> dict[str, str]:
+    """key_id -> state, for `keys usage --config`."""
+    return {key.identity.key_id: state for key, state in _keys_with_states(config_path)}
+
+
+def list_keys(config_path: Path) -> int:
     print(f"{'KEY ID':<36}  {'LABEL':<24}  {'CREATED (UTC)':<20}  {'MECHANISM':<14}  STATE")
-    for key in sorted(keys, key=lambda k: (k.identity.created, k.identity.token_object_id)):
+    for key, state in _keys_with_states(config_path):
         identity = key.identity
         created = datetime.datetime.fromtimestamp(identity.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        mechanism, state = MECHANISMS[identity.mechanism].name, version_state(key, current)
+        mechanism = MECHANISMS[identity.mechanism].name
         print(f"{identity.key_id:<36}  {identity.label:<24}  {created:<20}  {mechanism:<14}  {state}")
     return EXIT_OK
 
 
-def retire_key(config_path: Path, key_id: str, force: bool, destroy: bool, assume_yes: bool) -> int:
+@dataclass(frozen=True)
+class StoredUseCheck:
+    """Where `keys retire` looks for stored objects that still need the key: etcd, or nowhere (`unchecked`)."""
+
+    etcd: EtcdOptions | None
+    prefix: str
+    unchecked: bool
+
+
+def retire_key(config_path: Path, key_id: str, force: bool, destroy: bool, assume_yes: bool, *,
+               stored: StoredUseCheck) -> int:
     """Make a key unusable (the token refuses it from then on), and with --destroy delete it."""
     config = load_broker_config(config_path)
+    _check_stored_use(key_id, stored, force, destroy)
     with _user_session(config) as token:
         session = token.session
         keys = find_keys(session)
@@ -192,6 +216,27 @@ def retire_key(config_path: Path, key_id: str, force: bool, destroy: bool, assum
             raise FatalError(f"the token refused to change the key: {error_name(exc)}") from None
     print(f"{'destroyed' if destroy else 'retired'} key {key_id}: ciphertexts made under it no longer decrypt")
     return EXIT_OK
+
+
+def _check_stored_use(key_id: str, stored: StoredUseCheck, force: bool, destroy: bool) -> None:
+    """Refuse to strand data: a key that objects in etcd still need is retired only with --force, and a key
+    is destroyed without looking at etcd only with --unchecked."""
+    if stored.etcd is None:
+        if destroy and not stored.unchecked:
+            raise UsageError("refusing to destroy a key without checking that no stored object needs it: give "
+                             "the apiserver's --etcd-endpoints (and --etcd-cacert/--etcd-cert/--etcd-key), or add "
+                             "--unchecked")
+        print(f"warning: could not check whether stored objects still need {key_id} (no --etcd-endpoints)",
+              file=sys.stderr)
+        return
+    usage = scan(stored.etcd, stored.prefix).key_usage(key_id)
+    if usage.objects == 0:
+        print(f"no object under {stored.prefix} in etcd needs {key_id}", file=sys.stderr)
+        return
+    need = f"{usage.objects} stored objects still need {key_id} ({resources_line(usage.resources)})"
+    if not force:
+        raise UsageError(f"{need}: re-encrypt them first (docs/rotation.md), or add --force to strand them")
+    print(f"warning: {need}; --force: they will no longer decrypt", file=sys.stderr)
 
 
 def _confirmed(key_id: str, assume_yes: bool) -> bool:

@@ -53,6 +53,7 @@ class Worker:
         self._token: Token | None = None
         self._locked = False
         self._keys_read_at = 0.0
+        self._missing_key_read_at = 0.0  # the last look for a key_id we lacked: bounds those looks alone
         # Grows with every failed open or dropped token, shrinks back after a call succeeds: a token
         # that fails every call is not reopened in a tight loop.
         self._backoff = RETRY_FIRST_SECONDS
@@ -173,6 +174,15 @@ class Worker:
             self._report_ready()
         return True
 
+    def _look_again_for_missing_key(self) -> bool:
+        """Re-read the key set for a key_id we lack: it may have been made (on another node, by the CLI)
+        since our last read, however recent that was; such looks are bounded by their own clock, so a
+        periodic read a moment before a rotation cannot make us refuse the new key for a second."""
+        if time.monotonic() - self._missing_key_read_at < UNKNOWN_KEY_REFRESH_SECONDS:
+            return False
+        self._missing_key_read_at = time.monotonic()
+        return self._refresh_keys(0.0)
+
     def _drop_token(self, exc: TokenUnavailable) -> None:
         """Give up this login: the next open starts from C_Initialize, logs in and finds the keys again
         (handles do not survive a re-login on every token)."""
@@ -241,7 +251,7 @@ class Worker:
 
     def _wrap_key(self, token: Token, key_id: str) -> TokenKey:
         key = token.key_by_id(key_id)
-        if key is None and self._refresh_keys(UNKNOWN_KEY_REFRESH_SECONDS):
+        if key is None and self._look_again_for_missing_key():
             key = token.key_by_id(key_id)
         if key is None:
             raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, "the agreed current key is not usable in this worker")
@@ -250,7 +260,7 @@ class Worker:
     def _unwrap(self, token: Token, request: ipc_schema.UnwrapRequest) -> bytes:
         key = token.key_by_id(request.key_id)
         # A key created since we last looked (by the CLI or another node) is found on a second look.
-        if key is None and self._refresh_keys(UNKNOWN_KEY_REFRESH_SECONDS):
+        if key is None and self._look_again_for_missing_key():
             key = token.key_by_id(request.key_id)
         # An unknown key is refused (unknown_key) before any token call: nothing to time.
         timing = self._timed(TokenOperation.UNWRAP, _mechanism_name(key)) if key else contextlib.nullcontext()

@@ -4,7 +4,8 @@
 import argparse
 from pathlib import Path
 
-from keysealer.shared.process import EXIT_OK, run_main
+from keysealer.shared.etcd_reader import DEFAULT_PAGE_SIZE, EtcdOptions  # standard library only
+from keysealer.shared.process import EXIT_OK, UsageError, run_main
 
 PROGRAM = "keysealer"
 DEFAULT_STATE_DIR = Path(".keysealer")
@@ -51,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     retire.add_argument("--force", action="store_true", help="retire even the current key")
     retire.add_argument("--destroy", action="store_true", help="also delete the key from the token")
     retire.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _add_etcd_flags(retire, "refuse the key while objects stored there need it (--force: retire anyway)")
+    retire.add_argument("--unchecked", action="store_true",
+                        help="allow --destroy without --etcd-endpoints, i.e. without checking stored objects")
+    usage = keys.add_parser("usage", help="which stored objects need which key: count them in etcd")
+    _add_etcd_flags(usage, "where the apiserver stores its objects", required=True)
+    usage.add_argument("--config", type=Path, help="broker YAML config: also show each key's state in the token")
+    usage.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
+    usage.add_argument("--verify", action="store_true",
+                       help="decrypt every distinct stored seed through the plugin at --socket (exit 1 on a failure)")
+    usage.add_argument("--socket", type=Path, help="the plugin's KMS socket, for --verify")
+    usage.add_argument("--provider", help="with --verify: only the seeds of this KMS v2 provider name")
     listing = keys.add_parser("list", help="list KeySealer keys: key_id, label, creation time, state")
     listing.add_argument("--config", type=Path, required=True, help="broker YAML config")
     new_id = keys.add_parser("new-id", help="print a fresh CKA_ID (hex) for a key made by the token's own tool")
@@ -64,6 +76,27 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--config", type=Path, required=True, help="broker YAML config")
     init.add_argument("--so-pin-file", type=Path, required=True, help="file holding the new SO PIN (0600)")
     return parser
+
+
+def _add_etcd_flags(parser: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+    parser.add_argument("--etcd-endpoints", required=required, help=f"etcd client URLs, comma-separated: {what}")
+    parser.add_argument("--etcd-cacert", type=Path, help="CA bundle of etcd's server certificate")
+    parser.add_argument("--etcd-cert", type=Path, help="client certificate (the apiserver's etcd client one)")
+    parser.add_argument("--etcd-key", type=Path, help="client certificate's key")
+    parser.add_argument("--prefix", default="/registry", help="the apiserver's --etcd-prefix (default /registry)")
+    parser.add_argument("--etcd-page-size", type=int, default=DEFAULT_PAGE_SIZE,
+                        help=f"objects per etcd read (default {DEFAULT_PAGE_SIZE}; lower it for very large values)")
+
+
+def _etcd_options(args: argparse.Namespace) -> EtcdOptions | None:
+    if not args.etcd_endpoints:
+        return None
+    if args.etcd_page_size < 1:
+        raise UsageError("--etcd-page-size must be at least 1")
+    endpoints = tuple(url.strip() for url in args.etcd_endpoints.split(",") if url.strip())
+    if not endpoints:
+        raise UsageError("--etcd-endpoints names no URL")
+    return EtcdOptions(endpoints, args.etcd_cacert, args.etcd_cert, args.etcd_key, page_size=args.etcd_page_size)
 
 
 def _run() -> int:
@@ -86,6 +119,14 @@ def _run() -> int:
         from keysealer.hsm_broker.doctor import run_doctor
 
         return run_doctor(args.config, args.frontend_config)
+    if args.command == "keys" and args.keys_command == "usage":
+        from keysealer.shared.key_usage import usage_command
+
+        etcd = _etcd_options(args)
+        if etcd is None or (args.verify and args.socket is None):
+            raise UsageError("keys usage needs --etcd-endpoints, and --verify needs --socket")
+        return usage_command(etcd, args.prefix, config=args.config, json_output=args.json,
+                             verify_socket=args.socket if args.verify else None, provider=args.provider)
     from keysealer.hsm_broker import keys_cli
 
     if args.keys_command == "create":
@@ -97,7 +138,8 @@ def _run() -> int:
     if args.keys_command == "new-id":
         return keys_cli.print_new_id(args.mechanism, args.with_key_id, args.config)
     if args.keys_command == "retire":
-        return keys_cli.retire_key(args.config, args.key_id, args.force, args.destroy, args.yes)
+        stored = keys_cli.StoredUseCheck(_etcd_options(args), args.prefix, args.unchecked)
+        return keys_cli.retire_key(args.config, args.key_id, args.force, args.destroy, args.yes, stored=stored)
     return keys_cli.init_token(args.config, args.so_pin_file)
 
 

@@ -129,7 +129,7 @@ def test_key_ids_are_unique_across_create_rotate_retire_and_recreate(plugin: Plu
     seen = [plugin.status().key_id]
     seen.append(created_key_id(plugin.keys("rotate").stdout))
     seen.append(created_key_id(plugin.keys("create", "--label", "spare").stdout))
-    plugin.keys("retire", seen[-1], "--destroy", "--yes")
+    plugin.keys("retire", seen[-1], "--destroy", "--yes", "--unchecked")
     seen.append(created_key_id(plugin.keys("create", "--label", "spare").stdout))  # the same label again
     assert len(set(seen)) == len(seen)
     listed = states(plugin)
@@ -138,7 +138,7 @@ def test_key_ids_are_unique_across_create_rotate_retire_and_recreate(plugin: Plu
 
 def test_destroy_without_confirmation_is_refused(plugin: Plugin, tmp_path: Path) -> None:
     spare = created_key_id(plugin.keys("create", "--label", "spare").stdout)
-    result = subprocess.run(["keysealer", "keys", "retire", spare, "--destroy", "--config",
+    result = subprocess.run(["keysealer", "keys", "retire", spare, "--destroy", "--unchecked", "--config",
                              str(plugin.layout.broker_config)], stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "--yes" in result.stderr
