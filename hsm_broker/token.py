@@ -20,6 +20,7 @@ from keysealer.hsm_broker.key_naming import KeyIdentity, KeyVersion, current_ver
 from keysealer.hsm_broker.mechanisms import MECHANISMS, KeyObjects
 from keysealer.hsm_broker.pin import read_pin
 from keysealer.shared import ciphertext
+from keysealer.shared.bounded_files import FileRefused, read_bounded
 from keysealer.shared.errors import ErrorCode, KeySealerError
 from keysealer.shared.key_ids import key_id_for_ref, key_ref_for, key_ref_for_id
 from keysealer.shared.process import FatalError
@@ -45,6 +46,8 @@ SESSION_ERRORS = frozenset({
 # Errors that may mean bad data or a failing token: SoftHSM answers CKR_GENERAL_ERROR to a GCM tag mismatch.
 _AMBIGUOUS_ERRORS = frozenset({PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_FUNCTION_FAILED})
 SELF_TEST_BYTES = 32
+# tpm2-pkcs11's store holds a few kB per key: far below this even with thousands of keys.
+MAX_STORE_BYTES = 64 * 1024 * 1024
 
 
 class TokenUnavailable(Exception):
@@ -228,8 +231,8 @@ class StoreWatch:
         # The content, not the modification time: file times tick coarsely, a write just after a look
         # could keep the time the look saw.
         try:
-            return hashlib.sha256(self._path.read_bytes()).digest()
-        except OSError:
+            return hashlib.sha256(read_bounded(self._path, "token store", MAX_STORE_BYTES)).digest()
+        except FileRefused:
             return None  # the module's own open says what is wrong with it
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import zmq
 
+from keysealer.shared.bounded_files import read_bounded
 from keysealer.shared.process import EXIT_USAGE, FatalError
-from keysealer.shared.secret_files import read_secret_file
+from keysealer.shared.secret_files import MAX_SECRET_FILE_BYTES, read_secret_file
 from keysealer.shared.socket_path import umask
 
 PUBLIC_SUFFIX = ".key"
@@ -66,8 +67,5 @@ def load_keypair(path: Path) -> KeyPair:
 
 
 def load_public_key(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise FatalError(f"CURVE public key {path}: cannot read: {exc.strerror}", EXIT_USAGE) from None
-    return _fields(data, path)[b"public"]
+    data = read_bounded(path, "CURVE public key", MAX_SECRET_FILE_BYTES)
+    return _fields(bytes(data), path)[b"public"]

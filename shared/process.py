@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from keysealer.shared.bounded_files import FileRefused
 from keysealer.shared.config_loader import ConfigError
 
 EXIT_OK = 0
@@ -35,7 +36,7 @@ def run_main(program: str, body: Callable[[], int]) -> NoReturn:
     """Run an entry point: operator errors become one line on stderr and an exit code, never a traceback."""
     try:
         code = body()
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, FileRefused) as exc:
         print(f"{program}: error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except FatalError as exc:
