@@ -252,13 +252,16 @@ class Token:
 
     def refresh_keys(self) -> None:
         """Read the token's key set again: another process (`keysealer keys create`, another node) may
-        have added keys since."""
+        have added keys since. Raises BadPin if restarting the module (store changed) met a refused PIN."""
         if self._store is not None and self._store.changed():
             self._reinitialize(self._store.config)
         self._read_keys()
 
     def _reinitialize(self, config: TokenConfig) -> None:
-        """Finalize the module, then initialize it and log in again, so it reads the token's objects anew."""
+        """Finalize the module, then initialize it and log in again, so it reads the token's objects anew.
+
+        Raises BadPin when the token refuses the PIN: never tried a second time (the token may count it).
+        """
         self.shut()
         try:
             pin = read_pin(config.pin_file)
@@ -266,8 +269,6 @@ class Token:
             raise TokenUnavailable(str(exc)) from None
         try:
             self._lib, self._slot, self._session = _start(config, pin)
-        except BadPin as exc:  # likewise
-            raise TokenUnavailable(str(exc)) from None
         finally:
             pin[:] = bytes(len(pin))
 
