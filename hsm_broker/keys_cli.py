@@ -72,6 +72,8 @@ def _user_session(config: BrokerConfig) -> Iterator[_OpenToken]:
 
 
 def create_key(config_path: Path, label: str | None, if_missing: bool = False, mechanism: str | None = None) -> int:
+    if label is not None and not label.isprintable():
+        raise UsageError("--label: must hold printable characters only (it is shown in lists and logs)")
     config = load_broker_config(config_path)
     with _user_session(config) as token:
         keys = find_keys(token.session)

@@ -30,7 +30,7 @@ def generate(directory: Path, name: str) -> tuple[Path, Path]:
     """Write NAME.key and NAME.key_secret; refuse to overwrite either."""
     if not directory.is_dir():
         raise FatalError(f"{directory}: no such directory", EXIT_USAGE)
-    if not name or "/" in name:
+    if not name or "/" in name or not name.isprintable():
         raise FatalError(f"key name {name!r}: must be a plain file name", EXIT_USAGE)
     public_path, secret_path = directory / f"{name}{PUBLIC_SUFFIX}", directory / f"{name}{SECRET_SUFFIX}"
     for path in (public_path, secret_path):

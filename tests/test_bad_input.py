@@ -179,6 +179,15 @@ FILES: dict[str, Callable[[Setup], list[str]]] = {
     "doctor-frontend-config-fifo": _doctor_frontend(lambda setup: setup.fifo()),
     "doctor-frontend-config-nested": _doctor_frontend(_nested),
     "ipc-keygen-dir-fifo": _keygen_into(lambda setup: setup.fifo()),
+    "keys-retire-key-id-with-newline-and-bidi": lambda setup: [
+        "keysealer", "keys", "retire", "ks1-\u202e\nforged line", "--yes", "--config", str(setup.layout.broker_config)],
+    "keys-create-label-with-newline": lambda setup: [
+        "keysealer", "keys", "create", "--label", "kek\nforged", "--config", str(setup.layout.broker_config)],
+    "ipc-keygen-name-with-newline": lambda setup: ["keysealer", "ipc-keygen", "--dir", str(setup.scratch),
+                                                   "--name", "x\ny"],
+    "status-without-socket": lambda setup: ["keysealer", "status"],
+    "broker-without-config": lambda setup: ["keysealer-broker"],
+    "frontend-unknown-flag": lambda setup: ["keysealer-frontend", "--config", "x", "--bogus=\u202e"],
     "status-timeout-nan": lambda setup: ["keysealer", "status", "--socket", "/nonexistent", "--timeout", "nan"],
     "status-timeout-negative": lambda setup: ["keysealer", "status", "--socket", "/nonexistent", "--timeout=-1"],
     "status-timeout-inf": lambda setup: ["keysealer", "status", "--socket", "/nonexistent", "--timeout", "inf"],
@@ -200,7 +209,9 @@ def _assert_one_line_exit_2(result: subprocess.CompletedProcess[str], program: s
     # beyond its log is the one line, and it comes last.
     lines = [line for line in result.stderr.splitlines() if not line.startswith('{"time": ')]
     assert len(lines) == 1 and result.stderr.endswith(lines[0] + "\n"), result.stderr[-3000:]
-    assert lines[0].startswith(f"{program}: error: "), lines[0]
+    # "keysealer status: error: ..." for a subcommand's own flags
+    assert lines[0].startswith(program) and ": error: " in lines[0], lines[0]
+    assert lines[0].isprintable(), lines[0]  # what the caller passed in is shown escaped
     assert result.returncode == 2, (result.returncode, result.stderr)
     return lines[0]
 
