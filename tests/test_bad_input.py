@@ -242,6 +242,17 @@ def test_doctor_reports_a_pin_file_it_cannot_use_without_trying_it(setup: Setup,
     assert "refused the PIN" not in result.stdout
 
 
+@pytest.mark.parametrize("target", [lambda setup: setup.fifo(), lambda setup: Path("/dev/zero")],
+                         ids=["fifo", "dev-zero"])
+def test_doctor_reports_a_public_key_file_the_broker_would_refuse(setup: Setup,
+                                                                   target: Callable[[Setup], Path]) -> None:
+    config = setup.broker("ipc", "client_keys", [str(target(setup))])
+    result = _run(["keysealer", "doctor", "--config", str(config)], setup.scratch)
+    assert result.returncode == 1 and result.stderr == "", (result.returncode, result.stderr)
+    failures = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failures) == 1 and "client keys" in failures[0] and "not a regular file" in failures[0], result.stdout
+
+
 def test_keys_are_where_the_cases_expect_them(prepared: DevLayout) -> None:
     # The cases above edit these fields: a renamed field would make them test nothing.
     broker, frontend = (yaml.safe_load(p.read_text()) for p in (prepared.broker_config, prepared.frontend_config))
