@@ -48,7 +48,7 @@ class BrokerClient:
         for option, value in (
             (zmq.LINGER, 0),
             (zmq.IMMEDIATE, 1),
-            (zmq.MAXMSGSIZE, ipc_schema.MAX_REPLY_FRAME),
+            (zmq.MAXMSGSIZE, ipc_schema.zmq_max_msgsize(ipc_schema.MAX_REPLY_FRAME)),
             (zmq.RECONNECT_IVL, 100),
             (zmq.RECONNECT_IVL_MAX, 1000),
             (zmq.SNDHWM, 100_000),

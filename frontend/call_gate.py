@@ -5,20 +5,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 from keysealer.frontend.config import LimitsConfig
 from keysealer.frontend.metrics import Metrics
 from keysealer.shared.errors import ErrorCode, KeySealerError
+from keysealer.shared.log_text import printable
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 audit = logging.getLogger("keysealer.audit")
-MAX_LOGGED_UID = 64
+log = logging.getLogger(__name__)
 # Time kept back from the caller's deadline to send our answer before it expires.
 DEADLINE_MARGIN_SECONDS = 0.05
 
@@ -54,40 +55,48 @@ class CallGate:
         """Admit the call under the in-flight bound, give it its deadline, turn errors into gRPC codes,
         and account for it (metrics, one audit event)."""
         started = time.monotonic()
-        code = grpc.StatusCode.OK
         if self._in_flight >= self._limits.max_in_flight:
             self._metrics.refused.inc()
-            self._finish(record, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight")
+            await self.refuse(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight")
         self._in_flight += 1
         self._metrics.in_flight.set(self._in_flight)
+        # What the audit says unless the handler returns: a cancelled call ends with CancelledError.
+        code = grpc.StatusCode.CANCELLED
         try:
             timeout = self._limits.call_timeout_seconds
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
-            return await handler(request, max(timeout, 0.001), record)
+            response = await handler(request, max(timeout, 0.001), record)
+            code = grpc.StatusCode.OK
+            return response
         except KeySealerError as exc:
             code = GRPC_CODES[exc.code]
             await context.abort(code, exc.message)
         except TimeoutError:
             code = grpc.StatusCode.UNAVAILABLE
             await context.abort(code, "broker did not answer in time")
+        except Exception:
+            # A bug: one log line (the traceback inside its JSON), and the caller learns no more than that.
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed unexpectedly", record.method)
+            await context.abort(code, "internal error")
         finally:
             self._in_flight -= 1
             self._metrics.in_flight.set(self._in_flight)
             self._finish(record, code, started)
+
+    async def refuse(self, context: Context, record: CallRecord, code: grpc.StatusCode, message: str) -> NoReturn:
+        """Answer a call that is not served at all, accounted for like one that is."""
+        self._finish(record, code, time.monotonic())
+        await context.abort(code, message)
 
     def _finish(self, record: CallRecord, code: grpc.StatusCode, started: float) -> None:
         seconds = time.monotonic() - started
         self._metrics.requests.labels(record.method, code.name).inc()
         self._metrics.request_seconds.labels(record.method).observe(seconds)
         audit.info("%s %s", record.method, code.name, extra={"audit": {
-            "method": record.method, "uid": _printable(record.uid), "key_id": record.key_id,
+            "method": record.method, "uid": printable(record.uid), "key_id": printable(record.key_id),
             "outcome": "ok" if code is grpc.StatusCode.OK else "error", "code": code.name,
             "latency_ms": round(seconds * 1000, 3)}})
 
-
-def _printable(text: str) -> str:
-    """A caller-supplied string as it may appear in a log: bounded, one line."""
-    return "".join(c if c.isprintable() else "?" for c in text[:MAX_LOGGED_UID])

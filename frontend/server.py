@@ -17,6 +17,7 @@ from keysealer.frontend.health import HealthMonitor
 from keysealer.frontend.http_endpoints import EndpointServer, EndpointState
 from keysealer.frontend.kmsv1 import api_pb2_grpc as v1_grpc
 from keysealer.frontend.kmsv2 import api_pb2_grpc as v2_grpc
+from keysealer.frontend.malformed_requests import MalformedRequests
 from keysealer.frontend.metrics import Metrics
 from keysealer.frontend.service import Forwarder, KmsService, KmsV1Service
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
@@ -93,8 +94,8 @@ async def serve(config: FrontendConfig) -> int:
     client = BrokerClient(config.broker.socket, load_keypair(config.broker.client_key),
                           load_public_key(config.broker.server_key), metrics)
     health = HealthMonitor(client, config.health, config.limits.call_timeout_seconds, metrics)
-    server = grpc.aio.server(options=_server_options(config))
     forwarder, gate = Forwarder(client, health), CallGate(config.limits, metrics)
+    server = grpc.aio.server(interceptors=[MalformedRequests(gate)], options=_server_options(config))
     v2_grpc.add_KeyManagementServiceServicer_to_server(KmsService(forwarder, health, gate), server)
     if config.kms_v1beta1:
         v1_grpc.add_KeyManagementServiceServicer_to_server(KmsV1Service(forwarder, gate), server)

@@ -85,6 +85,8 @@ def _validate(config: BrokerConfig, path: Path) -> None:
         raise ConfigError(f"{path}: token.module: no such file: {token.module}")
     if not config.keys.current_label:
         raise ConfigError(f"{path}: keys.current_label: must not be empty")
+    if not config.keys.current_label.isprintable():
+        raise ConfigError(f"{path}: keys.current_label: must hold printable characters only")
     if not config.ipc.client_keys:
         raise ConfigError(f"{path}: ipc.client_keys: list at least one frontend public key")
     for group in config.groups:

@@ -16,6 +16,7 @@ from keysealer.hsm_broker.doctor_files import (
     broker_socket_dir,
     config_file,
     listen_dir,
+    public_keys,
     same_socket,
     secret_file,
 )
@@ -34,6 +35,7 @@ def run_doctor(config_path: Path, frontend_config_path: Path | None) -> int:
         Check("pin file", lambda: secret_file(pin_path(config.token.pin_file), "PIN", broker_uid)),
         Check("broker config", lambda: config_file(config_path)),
         Check("broker key", lambda: secret_file(config.ipc.server_key, "CURVE secret key", broker_uid)),
+        Check("client keys", lambda: public_keys(config.ipc.client_keys, "a frontend's public key")),
         Check("ipc socket dir", lambda: broker_socket_dir(config.ipc.socket, config.ipc.group)),
     ]
     if frontend is not None and frontend_config_path is not None:
@@ -41,6 +43,7 @@ def run_doctor(config_path: Path, frontend_config_path: Path | None) -> int:
         checks += [
             Check("frontend config", lambda: config_file(frontend_config_path)),
             Check("frontend key", lambda: secret_file(frontend.broker.client_key, "CURVE secret key", frontend_uid)),
+            Check("broker pub key", lambda: public_keys([frontend.broker.server_key], "the broker's public key")),
             Check("kms socket dir", lambda: listen_dir(frontend.listen.socket)),
             Check("ipc socket", lambda: same_socket(config.ipc.socket, frontend.broker.socket)),
         ]

@@ -8,7 +8,9 @@ import stat
 from pathlib import Path
 
 from keysealer.hsm_broker.doctor_findings import Outcome, failed, passed, warned
-from keysealer.shared.process import UsageError
+from keysealer.shared.bounded_files import FileRefused
+from keysealer.shared.ipc_keys import load_public_key
+from keysealer.shared.process import FatalError, UsageError
 from keysealer.shared.socket_path import group_id
 
 # The broker creates its socket directory with this mode (supervisor.py) and keeps it there.
@@ -60,6 +62,16 @@ def secret_file(path: Path, what: str, owner_uid: int | None) -> Outcome:
         return failed(f"{path} belongs to {_user_name(info.st_uid)}, but {reader} reads it",
                       f"chown {reader} {path}")
     return passed(_describe(path, info))
+
+
+def public_keys(paths: list[Path], what: str) -> Outcome:
+    """CURVE public key files, read as the broker and frontend read them (shared/ipc_keys.py)."""
+    for path in paths:
+        try:
+            load_public_key(path)
+        except (FileRefused, FatalError) as exc:
+            return failed(str(exc), f"put {what} there: the NAME.key file `keysealer ipc-keygen` wrote")
+    return passed(", ".join(str(p) for p in paths))
 
 
 def config_file(path: Path) -> Outcome:

@@ -38,13 +38,18 @@ from keysealer.hsm_broker.token import (
 from keysealer.shared.ciphertext import Mechanism, header_for
 from keysealer.shared.etcd_reader import EtcdOptions
 from keysealer.shared.key_usage import resources_line, scan
-from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, FatalError, UsageError
+from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError, UsageError
 
 
 @dataclass(frozen=True)
 class _OpenToken:
     session: Any
     offered: set[int]  # the CKM_* mechanisms the token offers
+
+
+def _unavailable(exc: TokenUnavailable) -> FatalError:
+    # ckr -1: the module did not load at all, so token.module is not a PKCS #11 library: fix the config.
+    return FatalError(exc.reason, EXIT_USAGE if exc.ckr == -1 else EXIT_FAILURE)
 
 
 @contextlib.contextmanager
@@ -58,7 +63,7 @@ def _user_session(config: BrokerConfig) -> Iterator[_OpenToken]:
     except BadPin as exc:
         raise FatalError(str(exc), EXIT_BAD_PIN) from None
     except TokenUnavailable as exc:
-        raise FatalError(exc.reason) from None
+        raise _unavailable(exc) from None
     finally:
         pin[:] = bytes(len(pin))
     try:
@@ -69,6 +74,8 @@ def _user_session(config: BrokerConfig) -> Iterator[_OpenToken]:
 
 
 def create_key(config_path: Path, label: str | None, if_missing: bool = False, mechanism: str | None = None) -> int:
+    if label is not None and not label.isprintable():
+        raise UsageError("--label: must hold printable characters only (it is shown in lists and logs)")
     config = load_broker_config(config_path)
     with _user_session(config) as token:
         keys = find_keys(token.session)
@@ -255,15 +262,21 @@ def init_token(config_path: Path, so_pin_file: Path) -> int:
     token = config.token
     if token.token_label is None:
         raise FatalError("init-token needs token.token_label in the config")
-    lib = load_module(token)
+    try:
+        lib = load_module(token)
+    except TokenUnavailable as exc:
+        raise _unavailable(exc) from None
     try:
         find_slot(lib, token)
         print(f"token {token.token_label!r} exists already")
         return EXIT_OK
     except TokenUnavailable:
         pass
-    free = [s for s in lib.getSlotList(tokenPresent=True)
-            if not lib.getTokenInfo(s).flags & PyKCS11.CKF_TOKEN_INITIALIZED]
+    try:
+        free = [s for s in lib.getSlotList(tokenPresent=True)
+                if not lib.getTokenInfo(s).flags & PyKCS11.CKF_TOKEN_INITIALIZED]
+    except PyKCS11.PyKCS11Error as exc:
+        raise FatalError(f"cannot list the module's slots: {error_name(exc)}") from None
     if not free:
         raise FatalError("no uninitialised token to initialise")
     so_pin, pin = read_pin_file(so_pin_file), read_pin(token.pin_file)

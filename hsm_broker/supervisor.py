@@ -159,7 +159,7 @@ class Supervisor:
         for sock in (self._front, self._back):
             sock.setsockopt(zmq.LINGER, 0)
         # A peer sending a frame larger than the schema allows is disconnected by ZeroMQ itself.
-        self._front.setsockopt(zmq.MAXMSGSIZE, ipc_schema.MAX_REQUEST_FRAME)
+        self._front.setsockopt(zmq.MAXMSGSIZE, ipc_schema.zmq_max_msgsize(ipc_schema.MAX_REQUEST_FRAME))
         # Every connection is authenticated (CURVE key and peer uid) by zap_reply before any message.
         self._zap.bind(ZAP_ENDPOINT)
         server = load_keypair(self.config.ipc.server_key)

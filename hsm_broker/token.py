@@ -20,6 +20,7 @@ from keysealer.hsm_broker.key_naming import KeyIdentity, KeyVersion, current_ver
 from keysealer.hsm_broker.mechanisms import MECHANISMS, KeyObjects
 from keysealer.hsm_broker.pin import read_pin
 from keysealer.shared import ciphertext
+from keysealer.shared.bounded_files import FileRefused, read_bounded
 from keysealer.shared.errors import ErrorCode, KeySealerError
 from keysealer.shared.key_ids import key_id_for_ref, key_ref_for, key_ref_for_id
 from keysealer.shared.process import FatalError
@@ -50,6 +51,8 @@ _KEY_REFUSED_ERRORS = frozenset({
 # Errors that may mean bad data or a failing token: SoftHSM answers CKR_GENERAL_ERROR to a GCM tag mismatch.
 _AMBIGUOUS_ERRORS = frozenset({PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_FUNCTION_FAILED})
 SELF_TEST_BYTES = 32
+# tpm2-pkcs11's store holds a few kB per key: far below this even with thousands of keys.
+MAX_STORE_BYTES = 64 * 1024 * 1024
 
 
 class TokenUnavailable(Exception):
@@ -233,8 +236,8 @@ class StoreWatch:
         # The content, not the modification time: file times tick coarsely, a write just after a look
         # could keep the time the look saw.
         try:
-            return hashlib.sha256(self._path.read_bytes()).digest()
-        except OSError:
+            return hashlib.sha256(read_bounded(self._path, "token store", MAX_STORE_BYTES)).digest()
+        except FileRefused:
             return None  # the module's own open says what is wrong with it
 
 
@@ -254,13 +257,16 @@ class Token:
 
     def refresh_keys(self) -> None:
         """Read the token's key set again: another process (`keysealer keys create`, another node) may
-        have added keys since."""
+        have added keys since. Raises BadPin if restarting the module (store changed) met a refused PIN."""
         if self._store is not None and self._store.changed():
             self._reinitialize(self._store.config)
         self._read_keys()
 
     def _reinitialize(self, config: TokenConfig) -> None:
-        """Finalize the module, then initialize it and log in again, so it reads the token's objects anew."""
+        """Finalize the module, then initialize it and log in again, so it reads the token's objects anew.
+
+        Raises BadPin when the token refuses the PIN: never tried a second time (the token may count it).
+        """
         self.shut()
         try:
             pin = read_pin(config.pin_file)
@@ -268,8 +274,6 @@ class Token:
             raise TokenUnavailable(str(exc)) from None
         try:
             self._lib, self._slot, self._session = _start(config, pin)
-        except BadPin as exc:  # likewise
-            raise TokenUnavailable(str(exc)) from None
         finally:
             pin[:] = bytes(len(pin))
 

@@ -75,8 +75,7 @@ class Worker:
                     with self._timed(TokenOperation.LOGIN, NO_MECHANISM):
                         self._token = self._open()
                 except BadPin as exc:
-                    return self._last_words(f"{exc}; not retried: a token locks after a few failed logins",
-                                            EXIT_BAD_PIN)
+                    return self._refused_pin(exc)
                 except FatalError as exc:
                     return self._last_words(str(exc), exc.exit_code)
                 except TokenUnavailable as exc:
@@ -93,9 +92,12 @@ class Worker:
                 self._keys_read_at = time.monotonic()
                 self._lock_down_once()
                 self._report_ready()
-            if self._socket.poll(self._poll_ms()):
-                self._serve_one()
-            self._refresh_keys(KEY_REFRESH_SECONDS)
+            try:
+                if self._socket.poll(self._poll_ms()):
+                    self._serve_one()
+                self._refresh_keys(KEY_REFRESH_SECONDS)
+            except BadPin as exc:  # at a module restart for a changed store (token.reinitialize_when_changed)
+                return self._refused_pin(exc)
 
     def _lock_down_once(self) -> None:
         # After the module is loaded and logged in (what may need more), before serving any request.
@@ -109,6 +111,9 @@ class Worker:
             return open_token(self._config.token, self._config.keys.current_label, pin)
         finally:
             pin[:] = bytes(len(pin))  # overwrite: the token has what it needs
+
+    def _refused_pin(self, exc: BadPin) -> int:
+        return self._last_words(f"{exc}; not retried: a token locks after a few failed logins", EXIT_BAD_PIN)
 
     def _last_words(self, reason: str, exit_code: int) -> int:
         """Tell the supervisor why this worker exits, and make sure the message leaves before we do."""

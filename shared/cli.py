@@ -5,14 +5,14 @@ import argparse
 from pathlib import Path
 
 from keysealer.shared.etcd_reader import DEFAULT_PAGE_SIZE, EtcdOptions  # standard library only
-from keysealer.shared.process import EXIT_OK, UsageError, run_main
+from keysealer.shared.process import EXIT_OK, ArgumentParser, UsageError, run_main
 
 PROGRAM = "keysealer"
 DEFAULT_STATE_DIR = Path(".keysealer")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description="KeySealer: a KMS v2 plugin backed by PKCS #11.")
+    parser = ArgumentParser(prog=PROGRAM, description="KeySealer: a KMS v2 plugin backed by PKCS #11.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     dev = commands.add_parser("dev", help="run broker and frontend on a SoftHSM token created on first use")

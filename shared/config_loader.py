@@ -11,7 +11,15 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from keysealer.shared.bounded_files import FileRefused, read_bounded_text
+from keysealer.shared.log_text import printable
+
 T = TypeVar("T")
+# Far above any real config (a few hundred bytes); parsing stays well under a second.
+MAX_CONFIG_BYTES = 64 * 1024
+# KeySealer's schemas nest three levels; a deeper document is not a config, and its nesting would
+# otherwise exhaust Python's recursion limit in the YAML parser.
+MAX_CONFIG_DEPTH = 16
 
 
 class ConfigError(Exception):
@@ -20,16 +28,52 @@ class ConfigError(Exception):
 
 def load_config(path: Path, schema: type[T]) -> T:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        text = read_bounded_text(path, "config", MAX_CONFIG_BYTES)
+    except FileRefused as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.reason}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader that also refuses duplicates
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        problem = f": {exc.problem}" if isinstance(exc, _Refused) else ""
+        raise ConfigError(f"{path}: not valid YAML{where}{problem}") from None
     return build(schema, {} if data is None else data, f"{path}: ")
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that parses but is no config: a key given twice, nesting deeper than any schema."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing a mapping key given twice (YAML would keep the last one silently: a
+    second `user: root` would win) and nesting deeper than MAX_CONFIG_DEPTH."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _Refused(problem=f"nested deeper than {MAX_CONFIG_DEPTH} levels",
+                               problem_mark=self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise _Refused(problem=f"{_printable(key)} given twice",
+                                       problem_mark=key_node.start_mark)
+                    seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def build(schema: type[T], data: Any, where: str, prefix: str = "") -> T:
@@ -104,9 +148,8 @@ def _check_bounds(field: "dataclasses.Field[Any]", value: Any, where: str, label
 
 
 def _printable(key: object) -> str:
-    """A key as it can appear in a one-line message: control characters shown escaped."""
-    text = str(key)
-    return text if text.isprintable() else repr(text)
+    """A key as it can appear in a one-line message: bounded, control characters shown escaped."""
+    return printable(str(key))
 
 
 def _type_name(kind: Any) -> str:

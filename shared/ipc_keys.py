@@ -10,8 +10,9 @@ from pathlib import Path
 
 import zmq
 
+from keysealer.shared.bounded_files import read_bounded
 from keysealer.shared.process import EXIT_USAGE, FatalError
-from keysealer.shared.secret_files import read_secret_file
+from keysealer.shared.secret_files import MAX_SECRET_FILE_BYTES, read_secret_file
 from keysealer.shared.socket_path import umask
 
 PUBLIC_SUFFIX = ".key"
@@ -29,7 +30,7 @@ def generate(directory: Path, name: str) -> tuple[Path, Path]:
     """Write NAME.key and NAME.key_secret; refuse to overwrite either."""
     if not directory.is_dir():
         raise FatalError(f"{directory}: no such directory", EXIT_USAGE)
-    if not name or "/" in name:
+    if not name or "/" in name or not name.isprintable():
         raise FatalError(f"key name {name!r}: must be a plain file name", EXIT_USAGE)
     public_path, secret_path = directory / f"{name}{PUBLIC_SUFFIX}", directory / f"{name}{SECRET_SUFFIX}"
     for path in (public_path, secret_path):
@@ -66,8 +67,5 @@ def load_keypair(path: Path) -> KeyPair:
 
 
 def load_public_key(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise FatalError(f"CURVE public key {path}: cannot read: {exc.strerror}", EXIT_USAGE) from None
-    return _fields(data, path)[b"public"]
+    data = read_bounded(path, "CURVE public key", MAX_SECRET_FILE_BYTES)
+    return _fields(bytes(data), path)[b"public"]

@@ -32,6 +32,9 @@ MAX_REQUEST_FRAME = 4096
 # Replies are bounded too, but must hold a health report listing every key.
 MAX_REPLY_FRAME = 128 * 1024
 MAX_KEY_IDS_REPORTED = 1024
+# What CURVE adds to each message (RFC 26): the command name "\x07MESSAGE" (8), the nonce (8), the flags
+# byte (1) and the box's authenticator (16).
+CURVE_MESSAGE_OVERHEAD = 8 + 8 + 1 + 16
 # The apiserver sends 32-byte seeds; anything far larger is not a seed.
 MAX_PLAINTEXT = 256
 MAX_KEY_ID_LEN = 64
@@ -242,6 +245,11 @@ def encode_request(request: Request) -> bytes:
     else:
         body = {"op": Op.HEALTH.value}
     return _pack({"v": SCHEMA_VERSION, "id": request.id, "ttl": request.ttl_ms, **body}, MAX_REQUEST_FRAME)
+
+
+def zmq_max_msgsize(frame_limit: int) -> int:
+    """ZMQ_MAXMSGSIZE for a frame limit: ZeroMQ checks the CURVE command carrying the frame, not the frame."""
+    return frame_limit + CURVE_MESSAGE_OVERHEAD
 
 
 def _pack(message: dict[str, Any], limit: int = MAX_REPLY_FRAME) -> bytes:

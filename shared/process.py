@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from keysealer.shared.bounded_files import FileRefused
 from keysealer.shared.config_loader import ConfigError
+from keysealer.shared.log_text import printable
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -17,6 +19,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 # The token refused the PIN: retrying could lock it, so supervisors must not restart on this code.
 EXIT_BAD_PIN = 3
+# Far longer than any message of ours; what an operator passed in cannot stretch one beyond it.
+MAX_ERROR_CHARS = 1000
 
 
 class UsageError(Exception):
@@ -31,20 +35,28 @@ class FatalError(Exception):
         self.exit_code = exit_code
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, reporting bad usage as one line (no usage block) with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _say(self.prog, message)
+        sys.exit(EXIT_USAGE)
+
+
 def run_main(program: str, body: Callable[[], int]) -> NoReturn:
     """Run an entry point: operator errors become one line on stderr and an exit code, never a traceback."""
     try:
         code = body()
-    except (ConfigError, UsageError) as exc:
-        print(f"{program}: error: {exc}", file=sys.stderr)
+    except (ConfigError, UsageError, FileRefused) as exc:
+        _say(program, str(exc))
         code = EXIT_USAGE
     except FatalError as exc:
-        print(f"{program}: error: {exc}", file=sys.stderr)
+        _say(program, str(exc))
         code = exc.exit_code
     except OSError as exc:
         # A file or socket the environment did not provide: still one line, never a traceback.
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"{program}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _say(program, f"{where}{exc.strerror or exc}")
         code = EXIT_FAILURE
     except KeyboardInterrupt:
         code = 130
@@ -52,11 +64,16 @@ def run_main(program: str, body: Callable[[], int]) -> NoReturn:
     sys.exit(code)
 
 
+def _say(program: str, message: str) -> None:
+    # Messages quote what the operator gave (a key_id, a path): escaped, they stay one line.
+    print(f"{program}: error: {printable(message, MAX_ERROR_CHARS)}", file=sys.stderr)
+
+
 def run_service(program: str, description: str | None, serve: Callable[[Path], int]) -> NoReturn:
     """The entry point of a long-running process: `PROGRAM --config FILE [--verbose]`."""
 
     def body() -> int:
-        parser = argparse.ArgumentParser(prog=program, description=description)
+        parser = ArgumentParser(prog=program, description=description)
         parser.add_argument("--config", required=True, type=Path, help="YAML config file")
         parser.add_argument("--verbose", action="store_true", help="debug logging")
         parser.add_argument("--log-text", action="store_true", help="human-readable log lines instead of JSON")

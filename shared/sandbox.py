@@ -373,6 +373,8 @@ def drop_privileges(user: str | None, extra_groups: Sequence[str] = ()) -> None:
 
 
 _STATUS_FIELDS: Final[tuple[str, ...]] = ("Seccomp", "Seccomp_filters", "NoNewPrivs", "CapEff")
+# /proc/PID/status is about 1.5 kB; a procfs file reports no size, so the read itself is bounded.
+_MAX_STATUS_BYTES: Final = 64 * 1024
 
 
 def sandbox_status(pid: int | str = "self") -> dict[str, str]:
@@ -388,7 +390,7 @@ def sandbox_status(pid: int | str = "self") -> dict[str, str]:
         # Binary + utf-8: after drop_privileges a codec lookup may need an
         # import from a directory the new user cannot read.
         with open(path, "rb") as fh:
-            lines = fh.read().decode("utf-8", errors="replace").splitlines()
+            lines = fh.read(_MAX_STATUS_BYTES).decode("utf-8", errors="replace").splitlines()
     except OSError as exc:
         raise SandboxError(f"cannot read {path}: {exc}") from exc
     found: dict[str, str] = {}

@@ -1,9 +1,8 @@
 """Reading secrets (the token PIN, CURVE secret keys) from files that only their owner can read."""
 
-import os
-import stat
 from pathlib import Path
 
+from keysealer.shared.bounded_files import FileRefused, read_bounded
 from keysealer.shared.process import EXIT_USAGE, FatalError
 
 MAX_SECRET_FILE_BYTES = 4096
@@ -16,21 +15,6 @@ def read_secret_file(path: Path, what: str) -> bytearray:
     process's user (root may read any, as an operator running the CLI).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise FatalError(f"{what} {path}: cannot open: {exc.strerror}", EXIT_USAGE) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FatalError(f"{what} {path}: not a regular file", EXIT_USAGE)
-        if info.st_mode & 0o077:
-            raise FatalError(f"{what} {path}: mode {stat.S_IMODE(info.st_mode):04o} lets others read it; "
-                             "use 0400 or 0600", EXIT_USAGE)
-        if os.geteuid() != 0 and info.st_uid != os.geteuid():
-            raise FatalError(f"{what} {path}: not owned by this process's user (uid {os.geteuid()})", EXIT_USAGE)
-        data = bytearray(os.read(fd, MAX_SECRET_FILE_BYTES + 1))
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SECRET_FILE_BYTES:
-        raise FatalError(f"{what} {path}: larger than {MAX_SECRET_FILE_BYTES} bytes", EXIT_USAGE)
-    return data
+        return read_bounded(path, what, MAX_SECRET_FILE_BYTES, follow_symlinks=False, private=True)
+    except FileRefused as exc:
+        raise FatalError(str(exc), EXIT_USAGE) from None

@@ -171,6 +171,28 @@ def test_an_oversized_frame_disconnects_its_sender_but_not_the_broker(shared_plu
     assert shared_plugin.status().healthz == "ok"
 
 
+def _request_of_exactly(size: int) -> bytes:
+    """A wrap request padded with an unknown field to exactly `size` bytes: answered invalid_request if
+    it gets through ZeroMQ's size limit."""
+    base = {"v": 1, "id": 9, "op": "wrap", "ttl": 1000, "pt": b"x" * 32}
+    room = size - len(msgpack.packb({**base, "x": b""}))
+    frames = (msgpack.packb({**base, "x": b"p" * n}) for n in range(room - 4, room + 1))
+    return next(f for f in frames if len(f) == size)
+
+
+def test_the_documented_request_limit_is_the_real_one(shared_plugin: Plugin) -> None:
+    """MAX_REQUEST_FRAME bytes reach the broker's schema check; one more byte disconnects the sender."""
+    context = zmq.Context()
+    try:
+        sock = _connect(context, shared_plugin, _frontend_key(shared_plugin))
+        at_limit = _exchange(sock, _request_of_exactly(ipc_schema.MAX_REQUEST_FRAME))
+        assert isinstance(at_limit, ipc_schema.ErrorReply) and at_limit.id == 9, at_limit
+        assert at_limit.code is ErrorCode.INVALID_REQUEST
+        assert _exchange(sock, _request_of_exactly(ipc_schema.MAX_REQUEST_FRAME + 1), QUIET_MS) is None
+    finally:
+        context.destroy(linger=0)
+
+
 _values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.binary(max_size=64)
     | st.text(max_size=16) | st.sampled_from(["wrap", "unwrap", "health"]),

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from harness import Plugin, created_key_id, short_tmp_dir
 
-CHECKS = ["pin file", "broker config", "broker key", "ipc socket dir", "frontend config", "frontend key",
-          "kms socket dir", "ipc socket", "module", "cryptoki", "slots", "token", "mechanisms", "login", "keys",
-          "current key", "wrap/unwrap"]
+CHECKS = ["pin file", "broker config", "broker key", "client keys", "ipc socket dir", "frontend config",
+          "frontend key", "broker pub key", "kms socket dir", "ipc socket", "module", "cryptoki", "slots", "token",
+          "mechanisms", "login", "keys", "current key", "wrap/unwrap"]
 LINE = re.compile(r"^(PASS|WARN|FAIL|SKIP)  (.{16}) (.*)$")
 
 

@@ -145,3 +145,25 @@ def test_a_pin_refused_on_relogin_stops_the_broker_after_one_attempt(faulty: tup
     assert plugin.broker.wait(timeout=RECOVERY_SECONDS) == EXIT_BAD_PIN
     assert faults.fired("C_Login") - logins_before == 1  # exactly one refused login: the token cannot lock
     assert "CKR_PIN_INCORRECT" in plugin.log("broker.log")
+
+
+def test_a_pin_refused_when_a_changed_store_restarts_the_module_is_tried_once(state_dir: Path) -> None:
+    """token.reinitialize_when_changed (the TPM provider): a changed store makes the worker restart the
+    module and log in again. A refused PIN there stops the broker after that one login, as at any login."""
+    plugin = Plugin(state_dir)
+    faults = install(plugin, state_dir / "faults")
+    store = state_dir / "store"
+    store.write_bytes(b"before")
+    plugin.configure(broker={"token": {"reinitialize_when_changed": str(store)}, "workers": {"count": 1}})
+    plugin.start()
+    try:
+        assert plugin.broker is not None
+        logins_before = faults.fired("C_Login")
+        faults.set("C_Login", "CKR_PIN_INCORRECT", always=True)
+        store.write_bytes(b"after")
+        plugin.broker.send_signal(signal.SIGHUP)  # re-read the key set now: the store changed
+        assert plugin.broker.wait(timeout=RECOVERY_SECONDS) == EXIT_BAD_PIN
+        assert faults.fired("C_Login") - logins_before == 1
+        assert "CKR_PIN_INCORRECT" in plugin.log("broker.log")
+    finally:
+        plugin.stop()
