@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from keysealer.shared.bounded_files import FileRefused, read_bounded, read_bounded_text
+
 DEFAULT_PAGE_SIZE = 500
 RANGE_PATH = "/v3/kv/range"
+# Certificates, chains and keys are a few KiB; a bundle of every public CA is about 200 KiB.
+MAX_TLS_FILE_BYTES = 1024 * 1024
 
 
 class EtcdError(Exception):
@@ -42,9 +46,17 @@ def prefix_range_end(prefix: bytes) -> bytes:
 
 def _tls_context(options: EtcdOptions) -> ssl.SSLContext:
     try:
-        context = ssl.create_default_context(cafile=str(options.cacert) if options.cacert else None)
+        # Read through the bounded reader: a FIFO or /dev/zero named here must not hang or flood us.
+        cadata = read_bounded_text(options.cacert, "--etcd-cacert", MAX_TLS_FILE_BYTES) if options.cacert else None
+        context = ssl.create_default_context(cadata=cadata)
         if options.cert is not None:
+            # ssl loads a certificate and key only from paths: check them first as any file we read.
+            for path, what in ((options.cert, "--etcd-cert"), (options.key, "--etcd-key")):
+                if path is not None:
+                    read_bounded(path, what, MAX_TLS_FILE_BYTES)
             context.load_cert_chain(str(options.cert), str(options.key) if options.key else None)
+    except FileRefused as exc:
+        raise EtcdError(f"cannot load the etcd TLS files: {exc}") from None
     except (OSError, ssl.SSLError) as exc:
         raise EtcdError(f"cannot load the etcd TLS files: {exc.strerror or exc}") from None
     return context

@@ -221,6 +221,10 @@ def test_bad_input_is_one_line_and_exit_2(unchanged: Store, tmp_path: Path) -> N
     no_client_cert = flags[:flags.index("--etcd-cert")] + flags[flags.index("--prefix"):]
     one_line_error(usage(unchanged, etcd_flags=no_client_cert))
     assert "cannot load" in one_line_error(usage(unchanged, etcd_flags=with_flag("--etcd-cert", "/nonexistent.crt")))
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)  # would block ssl's own reader forever
+    assert "not a regular file" in one_line_error(usage(unchanged, etcd_flags=with_flag("--etcd-cacert", str(fifo))))
+    assert "not a regular file" in one_line_error(usage(unchanged, etcd_flags=with_flag("--etcd-cert", "/dev/zero")))
     assert "nothing is stored under /nothing-here/" in one_line_error(
         usage(unchanged, etcd_flags=with_flag("--prefix", "/nothing-here")))
     assert "names no URL" in one_line_error(usage(unchanged, etcd_flags=with_flag("--etcd-endpoints", ",")))
