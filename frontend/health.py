@@ -15,7 +15,7 @@ from keysealer.frontend.broker_client import BrokerClient
 from keysealer.frontend.config import HealthConfig
 from keysealer.frontend.metrics import Metrics
 from keysealer.shared.errors import ErrorCode, KeySealerError
-from keysealer.shared.ipc_schema import MAX_KEY_IDS_REPORTED
+from keysealer.shared.ipc_schema import MAX_KEY_IDS_REPORTED, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class HealthMonitor:
         self._metrics.set_workers([w.state for w in health.workers])
         self._metrics.broker.last = health.stats
         self._metrics.set_current_key(health.current_key_id)
-        if any(w.state == "ready" for w in health.workers):  # a key set from ready workers: trustworthy
+        if any(w.state == WorkerState.READY for w in health.workers):  # a key set from ready workers: trustworthy
             self._known_key_ids = frozenset(health.key_ids)
             self._key_list_cut = len(health.key_ids) >= MAX_KEY_IDS_REPORTED
             self._keys_refreshed = time.monotonic()
