@@ -20,6 +20,7 @@ from keysealer.frontend.kmsv2 import api_pb2_grpc as v2_grpc
 from keysealer.frontend.metrics import Metrics
 from keysealer.frontend.service import Forwarder, KmsService, KmsV1Service
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
+from keysealer.shared.open_files import raise_open_file_limit
 from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
 from keysealer.shared.sandbox import SandboxError, become_configured_user, lock_down, require_user_if_root
 from keysealer.shared.socket_path import claim_socket_path, group_id, remove_socket, umask
@@ -31,6 +32,49 @@ T = TypeVar("T")
 # gRPC refuses larger messages before our code sees them.
 MAX_MESSAGE_BYTES = 64 * 1024
 HEARTBEAT_SECONDS = 1.0
+# Bounds on what a peer of kms.sock can make the server hold (figures and reasons: docs/reliability.md).
+# The apiserver keeps one connection; `keysealer status` and probes open short-lived ones.
+MAX_CONNECTIONS = 16
+# A connection that has not sent the HTTP/2 preface and SETTINGS by then is closed.
+HANDSHAKE_MS = 5_000
+# A connection with no call for this long gets a GOAWAY (a gRPC client reconnects when it next calls).
+IDLE_MS = 60_000
+# Every connection is recycled after this long, so one that streams an endless header block (HEADERS
+# then CONTINUATION frames, which gRPC parses without bound until END_HEADERS) holds its memory only
+# this long; calls in flight get the grace below to finish.
+MAX_AGE_MS = 60_000
+# Request metadata (headers): the apiserver sends a few hundred bytes. gRPC refuses a call above the hard
+# limit, and advertises the soft one as SETTINGS_MAX_HEADER_LIST_SIZE.
+METADATA_SOFT_BYTES = 8 * 1024
+METADATA_HARD_BYTES = 16 * 1024
+# Server pings to find a peer that stopped reading; a peer that answers no ping within the timeout is
+# dropped.
+KEEPALIVE_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
+def _server_options(config: FrontendConfig) -> list[tuple[str, int]]:
+    call_timeout_ms = int(config.limits.call_timeout_seconds * 1000)
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_MS),
+        ("grpc.max_connection_idle_ms", IDLE_MS),
+        ("grpc.max_connection_age_ms", MAX_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", call_timeout_ms + 1000),
+        ("grpc.max_metadata_size", METADATA_SOFT_BYTES),
+        ("grpc.absolute_max_metadata_size", METADATA_HARD_BYTES),
+        # Calls past max_in_flight must still reach the call gate, to be refused at once rather than
+        # queued by the client: room for as many again (and Status) before gRPC holds streams back.
+        ("grpc.max_concurrent_streams", 2 * config.limits.max_in_flight),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # gRPC's defaults, stated: a peer pinging more than every 5 min without calls is sent GOAWAY
+        # after 2 strikes.
+        ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
 
 
 async def serve(config: FrontendConfig) -> int:
@@ -38,6 +82,7 @@ async def serve(config: FrontendConfig) -> int:
         require_user_if_root(config.user)
     except SandboxError as exc:
         raise FatalError(str(exc), EXIT_USAGE) from None
+    raise_open_file_limit()  # before any listener: 1,024 idle connections must not starve us
     path = config.listen.socket
     claim_socket_path(path)
     gid = None if config.listen.group is None else group_id(config.listen.group, "listen.group")
@@ -45,10 +90,7 @@ async def serve(config: FrontendConfig) -> int:
     client = BrokerClient(config.broker.socket, load_keypair(config.broker.client_key),
                           load_public_key(config.broker.server_key), metrics)
     health = HealthMonitor(client, config.health, config.limits.call_timeout_seconds, metrics)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
+    server = grpc.aio.server(options=_server_options(config))
     forwarder, gate = Forwarder(client, health), CallGate(config.limits, metrics)
     v2_grpc.add_KeyManagementServiceServicer_to_server(KmsService(forwarder, health, gate), server)
     if config.kms_v1beta1:

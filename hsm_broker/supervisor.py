@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import pwd
+import resource
 import signal
 import time
 from collections import deque
@@ -23,12 +24,14 @@ import zmq
 from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.ipc_auth import ZAP_DOMAIN, ZAP_ENDPOINT, PeerPolicy, zap_reply
+from keysealer.hsm_broker.rate_limit import RateLimit
 from keysealer.hsm_broker.worker_protocol import ProtocolViolation, WorkerReply, WorkerStatus, worker_routing_id
 from keysealer.shared import ipc_schema
 from keysealer.shared.broker_stats import BrokerStats, TokenStats, microseconds
 from keysealer.shared.errors import ErrorCode
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.ipc_schema import WorkerState
+from keysealer.shared.open_files import raise_open_file_limit
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
 from keysealer.shared.sandbox import (
     STAY_ROOT,
@@ -53,6 +56,18 @@ STUCK_GRACE_SECONDS = 5.0
 # Exit codes after which restarting a worker cannot help and could lock the token.
 FATAL_WORKER_EXITS = frozenset({EXIT_BAD_PIN, EXIT_USAGE})
 STARTING = worker_protocol.WorkerStatus(WorkerState.STARTING, "starting", "", ())
+# Denial-of-service bounds on the frontend socket (figures and reasons: docs/reliability.md).
+# A peer that connects and never completes the CURVE handshake is dropped after this long, so idle
+# connections cannot pile up (libzmq's default is 30 s).
+HANDSHAKE_MS = 5_000
+# Messages ZeroMQ queues per peer and direction. Beyond it, replies to a peer that does not read are
+# dropped (ROUTER) and a peer sending faster than we read is held back: memory per peer is bounded by
+# this times the largest reply. The frontend's I/O thread reads replies as they come, so its own
+# traffic never nears it.
+FRONT_HWM = 256
+# Health is answered at once, outside the queue; this many per second, in bursts up to the same number,
+# are answered in full (the frontend needs about one a second), the rest get a short `busy`.
+HEALTH_PER_SECOND = 50
 
 
 @dataclass
@@ -108,6 +123,7 @@ class Supervisor:
         self._bound_paths: list[Path] = []
         self._current_key_id = ""
         self._pending_control: list[bytes] = []
+        self._health_limit = RateLimit(HEALTH_PER_SECOND)
         # The broker's measurements since it started: workers' tallies added up (so they outlive the
         # worker that counted them), and the time workers spent on finished jobs.
         self._token_stats = TokenStats()
@@ -130,6 +146,7 @@ class Supervisor:
         except SandboxError as exc:
             raise FatalError(str(exc), EXIT_USAGE) from None
         try:
+            raise_open_file_limit()  # before any listener: 1,024 idle connections must not starve us
             self._bind()
             self._confine()
             signal.signal(signal.SIGTERM, self._request_stop)
@@ -152,10 +169,13 @@ class Supervisor:
         _prepare_directory(self._worker_dir, 0o700, owner, None)
         claim_socket_path(socket_path)
         claim_socket_path(self._worker_dir / "backend.sock")
+        self._back.setsockopt(zmq.RCVHWM, 100_000)  # our own workers: never more than one job each
+        self._back.setsockopt(zmq.SNDHWM, 100_000)
+        self._front.setsockopt(zmq.RCVHWM, FRONT_HWM)
+        self._front.setsockopt(zmq.SNDHWM, FRONT_HWM)
+        self._front.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         for sock in (self._front, self._back):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 100_000)
-            sock.setsockopt(zmq.SNDHWM, 100_000)
         # A peer sending a frame larger than the schema allows is disconnected by ZeroMQ itself.
         self._front.setsockopt(zmq.MAXMSGSIZE, ipc_schema.MAX_REQUEST_FRAME)
         # Every connection is authenticated (CURVE key and peer uid) by zap_reply before any message.
@@ -242,6 +262,9 @@ class Supervisor:
         if pid == 0:
             code = EXIT_FAILURE
             try:
+                # The supervisor's listening sockets and ZeroMQ's internal descriptors are not the
+                # worker's to hold: a worker must not keep broker.sock accepting after the supervisor died.
+                os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
                 # Imported only here, in the child: the supervisor itself never loads PyKCS11.
                 from keysealer.hsm_broker.worker import worker_main
 
@@ -392,6 +415,10 @@ class Supervisor:
             return  # without an id and an operation there is nobody to answer
         op = request.op
         if op is ipc_schema.Op.HEALTH:
+            # Not queued, so bounded here: a peer asking in a loop gets short refusals, not full reports.
+            if not self._health_limit.allow():
+                self._reply_error(client, request.id, op, ErrorCode.BUSY, "too many health requests")
+                return
             self._front.send_multipart([client, ipc_schema.encode_reply(self._health(request.id), op)])
             return
         if not any(slot.status.state is WorkerState.READY for slot in self._slots):

@@ -42,6 +42,11 @@ SESSION_ERRORS = frozenset({
     PyKCS11.CKR_SESSION_HANDLE_INVALID, PyKCS11.CKR_SESSION_CLOSED, PyKCS11.CKR_OPERATION_ACTIVE,
     PyKCS11.CKR_OPERATION_NOT_INITIALIZED,
 })
+# The key itself refuses (retired by `keys retire`: CKA_DECRYPT/CKA_UNWRAP cleared) or is gone (destroyed),
+# seen before this worker's next key refresh: the caller's key is unusable, the token and session are fine.
+_KEY_REFUSED_ERRORS = frozenset({
+    PyKCS11.CKR_KEY_FUNCTION_NOT_PERMITTED, PyKCS11.CKR_KEY_HANDLE_INVALID, PyKCS11.CKR_OBJECT_HANDLE_INVALID,
+})
 # Errors that may mean bad data or a failing token: SoftHSM answers CKR_GENERAL_ERROR to a GCM tag mismatch.
 _AMBIGUOUS_ERRORS = frozenset({PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_FUNCTION_FAILED})
 SELF_TEST_BYTES = 32
@@ -305,6 +310,8 @@ class Token:
         try:
             return self._decrypt(key, envelope)
         except TokenUnavailable as exc:
+            if exc.ckr in _KEY_REFUSED_ERRORS:
+                raise KeySealerError(ErrorCode.UNKNOWN_KEY, "key_id names a retired or destroyed key") from None
             if exc.ckr not in _AMBIGUOUS_ERRORS:
                 raise
             # Tell a bad ciphertext from a failing token: a fresh session must round-trip known data.

@@ -87,16 +87,20 @@ class Plugin:
 
     # -- processes -----------------------------------------------------------------------------------
 
-    def _spawn(self, module: str, config: Path, log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, module: str, config: Path, log_name: str, open_files: int | None) -> subprocess.Popen[bytes]:
         log = (self.layout.root / log_name).open("ab")
-        return subprocess.Popen([sys.executable, "-m", module, "--config", str(config)],
+        # prlimit sets the soft open-file limit only, as systemd's default (1,024) would, then execs.
+        limit = ["prlimit", f"--nofile={open_files}:"] if open_files is not None else []
+        return subprocess.Popen([*limit, sys.executable, "-m", module, "--config", str(config)],
                                 stdout=log, stderr=subprocess.STDOUT)
 
-    def start_broker(self) -> None:
-        self.broker = self._spawn("keysealer.hsm_broker.main", self.layout.broker_config, "broker.log")
+    def start_broker(self, open_files: int | None = None) -> None:
+        """open_files: the soft open-file limit to start it with (default: this process's)."""
+        self.broker = self._spawn("keysealer.hsm_broker.main", self.layout.broker_config, "broker.log", open_files)
 
-    def start_frontend(self) -> None:
-        self.frontend = self._spawn("keysealer.frontend.main", self.layout.frontend_config, "frontend.log")
+    def start_frontend(self, open_files: int | None = None) -> None:
+        self.frontend = self._spawn("keysealer.frontend.main", self.layout.frontend_config, "frontend.log",
+                                    open_files)
 
     def start(self) -> None:
         self.start_broker()
