@@ -32,7 +32,7 @@ class Forwarder:
 
     async def unwrap(self, ciphertext: bytes, key_id: str, timeout: float) -> bytes:
         """`ciphertext` and `key_id` were validated by the caller, against their API's rules."""
-        if not await self._health.is_known_key(key_id):
+        if not await self._health.keys.accepts(key_id):
             raise KeySealerError(ErrorCode.UNKNOWN_KEY, "key_id is not a key this plugin holds")
         return (await self._client.unwrap(ciphertext, key_id, timeout)).plaintext
 
