@@ -1,11 +1,14 @@
 """/metrics, /livez, /readyz and /healthz over HTTP, on a Unix socket or a loopback TCP port.
 
-Served from a thread with the standard library's HTTP server: every answer comes from state kept by the
-event loop (the last health probe, the loop's heartbeat), so a scrape never waits for the broker.
+Served by the standard library's HTTP server, one thread per connection: every answer comes from state
+kept by the event loop (the last health probe, the loop's heartbeat), so a scrape never waits for the
+broker, and a slow or idle client holds only its own thread, for a bounded time.
 """
 
 import http.server
+import logging
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +21,15 @@ from keysealer.frontend.health import Health
 from keysealer.frontend.metrics import Metrics
 from keysealer.shared.socket_path import claim_socket_path, remove_socket, umask
 
+log = logging.getLogger(__name__)
+
 # The event loop beats once a second; more than this without a beat means it is wedged.
 LIVENESS_STALE_SECONDS = 5.0
+# Connections served at once (a thread each); one past it is closed at once. Probes and a scraper need
+# a few.
+MAX_CONNECTIONS = 16
+# A client silent this long (mid-request or between requests) is disconnected.
+CONNECTION_TIMEOUT_SECONDS = 5.0
 
 
 class EndpointState:
@@ -31,6 +41,8 @@ class EndpointState:
 
 def _handler(state: EndpointState) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = CONNECTION_TIMEOUT_SECONDS
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
@@ -60,7 +72,38 @@ def _handler(state: EndpointState) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
-class _UnixHTTPServer(socketserver.UnixStreamServer):
+class _BoundedThreads(socketserver.ThreadingMixIn):
+    """A thread per connection, at most MAX_CONNECTIONS at once."""
+
+    daemon_threads = True
+    request_queue_size = 64  # the listen backlog: a burst of probes waits for accept() instead of failing
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up or timed out: its connection is closed, nothing else to do, never a traceback.
+        log.debug("metrics connection ended early: %s", sys.exc_info()[1])
+
+
+class _TCPHTTPServer(_BoundedThreads, http.server.HTTPServer):
+    pass
+
+
+class _UnixHTTPServer(_BoundedThreads, socketserver.UnixStreamServer):
     def get_request(self) -> tuple[Any, Any]:
         request, _ = super().get_request()
         return request, ("local", 0)
@@ -77,7 +120,7 @@ class EndpointServer:
                 self._server = _UnixHTTPServer(str(socket), handler)
         else:
             assert port is not None
-            self._server = http.server.HTTPServer(("127.0.0.1", port), handler)  # loopback only
+            self._server = _TCPHTTPServer(("127.0.0.1", port), handler)  # loopback only
         self._thread = threading.Thread(target=self._server.serve_forever, name="http-endpoints", daemon=True)
 
     def start(self) -> None:

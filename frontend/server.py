@@ -38,11 +38,12 @@ MAX_CONNECTIONS = 16
 # A connection that has not sent the HTTP/2 preface and SETTINGS by then is closed.
 HANDSHAKE_MS = 5_000
 # A connection with no call for this long gets a GOAWAY (a gRPC client reconnects when it next calls).
-IDLE_MS = 60_000
-# Every connection is recycled after this long, so one that streams an endless header block (HEADERS
-# then CONTINUATION frames, which gRPC parses without bound until END_HEADERS) holds its memory only
-# this long; calls in flight get the grace below to finish.
-MAX_AGE_MS = 60_000
+# Twice the apiserver's Status poll (once a minute), so its own connection never idles out.
+IDLE_MS = 120_000
+# Every connection is recycled after this long, so one that holds a call open without finishing it, or
+# streams an endless header block (HEADERS then CONTINUATION frames, which gRPC holds until END_HEADERS),
+# keeps its slot and memory only this long; calls in flight get the grace below to finish.
+MAX_AGE_MS = 300_000
 # Request metadata (headers): the apiserver sends a few hundred bytes. gRPC refuses a call above the hard
 # limit, and advertises the soft one as SETTINGS_MAX_HEADER_LIST_SIZE.
 METADATA_SOFT_BYTES = 8 * 1024
@@ -51,6 +52,7 @@ METADATA_HARD_BYTES = 16 * 1024
 # dropped.
 KEEPALIVE_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 20_000
+STREAM_HEADROOM = 1024
 
 
 def _server_options(config: FrontendConfig) -> list[tuple[str, int]]:
@@ -65,9 +67,10 @@ def _server_options(config: FrontendConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_grace_ms", call_timeout_ms + 1000),
         ("grpc.max_metadata_size", METADATA_SOFT_BYTES),
         ("grpc.absolute_max_metadata_size", METADATA_HARD_BYTES),
-        # Calls past max_in_flight must still reach the call gate, to be refused at once rather than
-        # queued by the client: room for as many again (and Status) before gRPC holds streams back.
-        ("grpc.max_concurrent_streams", 2 * config.limits.max_in_flight),
+        # Streams one connection may hold open. Calls past max_in_flight must still reach the call gate,
+        # to be refused at once (a client may open streams before it has read this setting, and gRPC
+        # resets those past the limit): ample room for them and Status.
+        ("grpc.max_concurrent_streams", config.limits.max_in_flight + STREAM_HEADROOM),
         ("grpc.keepalive_time_ms", KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         # gRPC's defaults, stated: a peer pinging more than every 5 min without calls is sent GOAWAY

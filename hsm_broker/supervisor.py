@@ -169,7 +169,8 @@ class Supervisor:
         _prepare_directory(self._worker_dir, 0o700, owner, None)
         claim_socket_path(socket_path)
         claim_socket_path(self._worker_dir / "backend.sock")
-        self._back.setsockopt(zmq.RCVHWM, 100_000)  # our own workers: never more than one job each
+        # Only our own workers (socket 0600 in a 0700 directory) speak on the back socket: no bound needed.
+        self._back.setsockopt(zmq.RCVHWM, 100_000)
         self._back.setsockopt(zmq.SNDHWM, 100_000)
         self._front.setsockopt(zmq.RCVHWM, FRONT_HWM)
         self._front.setsockopt(zmq.SNDHWM, FRONT_HWM)
@@ -263,7 +264,8 @@ class Supervisor:
             code = EXIT_FAILURE
             try:
                 # The supervisor's listening sockets and ZeroMQ's internal descriptors are not the
-                # worker's to hold: a worker must not keep broker.sock accepting after the supervisor died.
+                # worker's to hold (a worker holding broker.sock's listener would keep it accepting
+                # connections nobody serves); the worker opens what it needs itself.
                 os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
                 # Imported only here, in the child: the supervisor itself never loads PyKCS11.
                 from keysealer.hsm_broker.worker import worker_main
