@@ -13,17 +13,15 @@ from dataclasses import dataclass
 
 from keysealer.frontend.broker_client import BrokerClient
 from keysealer.frontend.config import HealthConfig
+from keysealer.frontend.key_set import BrokerKeySet
 from keysealer.frontend.metrics import Metrics
 from keysealer.shared.errors import ErrorCode, KeySealerError
-from keysealer.shared.ipc_schema import MAX_KEY_IDS_REPORTED
 
 log = logging.getLogger(__name__)
 
 PROBE_SEED_BYTES = 32
 # Failures that say nothing about the token, only that the broker is loaded: tolerated up to max_age.
 _SOFT_FAILURES = frozenset({ErrorCode.BUSY})
-# A missing key_id is looked up again at most this often, so bad requests cannot flood the broker.
-KEY_REFRESH_MIN_SECONDS = 1.0
 UNHEALTHY_RETRY_SECONDS = 0.5
 HARD_TIMEOUTS = 2
 FIRST_PROBE_WAIT_SECONDS = 1.0
@@ -39,20 +37,17 @@ class Health:
 class HealthMonitor:
     def __init__(self, client: BrokerClient, config: HealthConfig, call_timeout: float, metrics: Metrics) -> None:
         self._client = client
+        # Which key_ids Decrypt accepts: fed by every probe, asked again on an id it has not seen.
+        self.keys = BrokerKeySet(client, config.max_age_seconds, call_timeout, lambda: self.current().reason)
         self._metrics = metrics
         self._config = config
         self._timeout = call_timeout
         self._key_id = ""
-        self._known_key_ids: frozenset[str] = frozenset()
-        # The broker reports at most MAX_KEY_IDS_REPORTED ids, the newest: a full list may leave keys out.
-        self._key_list_cut = False
-        self._keys_refreshed = 0.0
         self._last_success = float("-inf")
         self._success_epoch = -1
         self._failure: str | None = "starting: first health probe pending"
         self._failure_is_soft = False
         self._timeouts_in_a_row = 0
-        self._refresh: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -77,27 +72,6 @@ class HealthMonitor:
         # Only slow probes since the last success (or one still running): the broker is not keeping up.
         return Health(False, self._failure or "broker not answering", self._key_id)
 
-    async def is_known_key(self, key_id: str) -> bool:
-        """Whether the token holds this key; an id not seen yet triggers one coalesced lookup (rotation).
-
-        Raises TOKEN_UNAVAILABLE when the broker's key set cannot be vouched for (broker unreachable, no
-        worker ready): "unknown key" would then be a wrong answer to a request that may be fine.
-        """
-        if key_id in self._known_key_ids:
-            return True
-        if time.monotonic() - self._keys_refreshed >= KEY_REFRESH_MIN_SECONDS:
-            if self._refresh is None or self._refresh.done():
-                self._refresh = asyncio.create_task(self._refresh_keys())
-            with contextlib.suppress(KeySealerError, TimeoutError):
-                await asyncio.shield(self._refresh)
-        if key_id in self._known_key_ids:
-            return True
-        trusted = time.monotonic() - self._keys_refreshed <= self._config.max_age_seconds
-        if not (trusted and self._client.connected):
-            raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, f"cannot check the key_id: {self.current().reason}")
-        # An older key left out of a cut list: the broker, which checks every id itself, decides.
-        return self._key_list_cut
-
     async def _run(self) -> None:
         # The first probe waits (briefly) for the handshake, rather than report a broker that is merely
         # still being dialled as unreachable.
@@ -113,7 +87,7 @@ class HealthMonitor:
     async def probe(self) -> None:
         epoch = self._client.connection_epoch
         try:
-            await self._refresh_keys()
+            await self._read_health()
             seed = os.urandom(PROBE_SEED_BYTES)
             wrapped = await self._client.wrap(seed, self._timeout)
             unwrapped = await self._client.unwrap(wrapped.ciphertext, wrapped.key_id, self._timeout)
@@ -134,15 +108,12 @@ class HealthMonitor:
             self._success_epoch = epoch
             self._metrics.last_healthy_probe.set_to_current_time()
 
-    async def _refresh_keys(self) -> None:
+    async def _read_health(self) -> None:
         health = await self._client.health(self._timeout)
         self._metrics.set_workers([w.state for w in health.workers])
         self._metrics.broker.last = health.stats
         self._metrics.set_current_key(health.current_key_id)
-        if any(w.state == "ready" for w in health.workers):  # a key set from ready workers: trustworthy
-            self._known_key_ids = frozenset(health.key_ids)
-            self._key_list_cut = len(health.key_ids) >= MAX_KEY_IDS_REPORTED
-            self._keys_refreshed = time.monotonic()
+        self.keys.learn(health)
         if health.current_key_id:
             self._key_id = health.current_key_id
         else:

@@ -9,6 +9,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from keysealer.shared.broker_stats import LATENCY_BUCKETS, BrokerStats
+from keysealer.shared.ipc_schema import WorkerState
 
 # The `le` labels of the broker's latency buckets, spelled as prometheus-client spells its own histograms'.
 _BUCKET_LABELS = [floatToGoString(b) for b in (*LATENCY_BUCKETS, float("inf"))]  # type: ignore[no-untyped-call]
@@ -46,8 +47,8 @@ class Metrics:
 
     def set_workers(self, states: list[str]) -> None:
         self.workers.clear()
-        for state in ("starting", "ready", "failed", "fatal"):
-            self.workers.labels(state).set(states.count(state))
+        for state in WorkerState:
+            self.workers.labels(state.value).set(states.count(state))
 
 
 class BrokerStatsCollector(Collector):

@@ -32,7 +32,7 @@ class Forwarder:
 
     async def unwrap(self, ciphertext: bytes, key_id: str, timeout: float) -> bytes:
         """`ciphertext` and `key_id` were validated by the caller, against their API's rules."""
-        known = await self._health.is_known_key(key_id)
+        known = await self._health.keys.accepts(key_id)
         # An id missing from the broker's key set may still be a key made moments ago on another node: the
         # workers list the token's keys every 5 s, but look in the token again (at most once a second)
         # when asked for a key they lack. So the broker decides, and its "unknown" becomes our refusal.

@@ -258,13 +258,12 @@ class TokenCheckup:
             uses.append(f"{role} object may: {', '.join(u.lower() for u, a in zip(_USES, allowed, strict=True) if a)}")
         return problems, uses
 
-    def _round_trip(self, key: TokenKey | None = None) -> str | None:
-        """Why wrapping and unwrapping random bytes with `key` (default: the current one) failed, or None."""
+    def _round_trip(self, key: TokenKey) -> str | None:
+        """Why wrapping and unwrapping random bytes with `key` failed, or None."""
         assert self._token is not None
         probe = os.urandom(SELF_TEST_BYTES)
         try:
-            sealed, key_id = self._token.wrap(probe, key)
-            opened = self._token.unwrap(sealed, key_id)
+            opened = self._token.unwrap(key, self._token.wrap(key, probe))
         except TokenUnavailable as exc:
             return exc.reason
         except KeySealerError as exc:
@@ -272,8 +271,8 @@ class TokenCheckup:
         return None if opened == probe else "unwrap returned other bytes than were wrapped"
 
     def _wrap_unwrap(self) -> Outcome:
-        failure = self._round_trip()
         assert self._token is not None and self._token.current is not None
+        failure = self._round_trip(self._token.current)
         key_id = self._token.current.identity.key_id
         if failure:
             return failed(f"wrap and unwrap with {key_id} failed: {failure}", "the token cannot run this key's "

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -24,11 +25,12 @@ from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.ipc_auth import ZAP_DOMAIN, ZAP_ENDPOINT, PeerPolicy, zap_reply
 from keysealer.hsm_broker.rate_limit import RateLimit
-from keysealer.hsm_broker.worker_protocol import worker_routing_id
+from keysealer.hsm_broker.worker_protocol import ProtocolViolation, WorkerReply, WorkerStatus, worker_routing_id
 from keysealer.shared import ipc_schema
 from keysealer.shared.broker_stats import BrokerStats, TokenStats, microseconds
 from keysealer.shared.errors import ErrorCode
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
+from keysealer.shared.ipc_schema import WorkerState
 from keysealer.shared.open_files import raise_open_file_limit
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
 from keysealer.shared.sandbox import (
@@ -53,7 +55,7 @@ STOP_GRACE_SECONDS = 2.0
 STUCK_GRACE_SECONDS = 5.0
 # Exit codes after which restarting a worker cannot help and could lock the token.
 FATAL_WORKER_EXITS = frozenset({EXIT_BAD_PIN, EXIT_USAGE})
-STARTING = worker_protocol.WorkerStatus("starting", "starting", "", ())
+STARTING = worker_protocol.WorkerStatus(WorkerState.STARTING, "starting", "", ())
 # Denial-of-service bounds on the frontend socket (figures and reasons: docs/reliability.md).
 # A peer that connects and never completes the CURVE handshake is dropped after this long, so idle
 # connections cannot pile up (libzmq's default is 30 s).
@@ -84,7 +86,7 @@ class WorkerSlot:
     started: float = 0.0
     restart_delay: float = RESTART_FIRST_SECONDS
     restart_at: float = 0.0
-    status: worker_protocol.WorkerStatus = STARTING
+    status: WorkerStatus = STARTING
     job: Job | None = None
     busy_since: float = 0.0  # when it was handed its job
     killed: bool = False
@@ -92,6 +94,15 @@ class WorkerSlot:
     @property
     def routing_id(self) -> bytes:
         return worker_routing_id(self.pid)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMessageKind:
+    """One row of the worker channel's table: how a kind decodes, who handles it, when it may arrive."""
+
+    decode: Callable[[list[bytes]], Any]  # raises ProtocolViolation
+    handle: Callable[[WorkerSlot, Any], None]
+    while_serving: bool  # only from a worker holding a request (else: any time)
 
 
 @dataclass
@@ -117,6 +128,14 @@ class Supervisor:
         # worker that counted them), and the time workers spent on finished jobs.
         self._token_stats = TokenStats()
         self._busy_us = 0
+        self._by_routing_id: dict[bytes, WorkerSlot] = {}  # live workers
+        self._worker_messages = {
+            worker_protocol.STATUS: WorkerMessageKind(worker_protocol.decode_status, self._on_status, False),
+            worker_protocol.STATS: WorkerMessageKind(worker_protocol.decode_stats, self._on_stats, False),
+            worker_protocol.REPLY: WorkerMessageKind(worker_protocol.decode_reply, self._on_reply, True),
+            worker_protocol.RETURN_JOB: WorkerMessageKind(worker_protocol.decode_return_job, self._on_return_job,
+                                                          True),
+        }
         socket_path = self.config.ipc.socket
         self._worker_dir = socket_path.parent / "workers"
         self._backend = f"ipc://{self._worker_dir / 'backend.sock'}"
@@ -230,7 +249,7 @@ class Supervisor:
     def _spawn_due_workers(self) -> None:
         # One worker logs in at a time: SoftHSM rewrites its token file on login, and a wrong PIN
         # must cost one failed login, not one per worker.
-        if any(slot.pid and slot.status.state in ("starting", "fatal") for slot in self._slots):
+        if any(slot.pid and slot.status.state in (WorkerState.STARTING, WorkerState.FATAL) for slot in self._slots):
             return
         now = time.monotonic()
         for slot in self._slots:
@@ -256,17 +275,27 @@ class Supervisor:
                 log.exception("worker crashed")
             finally:
                 os._exit(code)  # never run the supervisor's cleanup in a child
-        slot.pid, slot.started, slot.status, slot.job, slot.killed = pid, time.monotonic(), STARTING, None, False
+        self._adopt(slot, pid)
         log.info("started worker %d", pid)
+
+    def _adopt(self, slot: WorkerSlot, pid: int) -> None:
+        """From now on, `slot` is the process `pid`: what arrives under its routing id is its message."""
+        slot.pid, slot.started, slot.status, slot.job, slot.killed = pid, time.monotonic(), STARTING, None, False
+        self._by_routing_id[slot.routing_id] = slot
 
     def _kill_stuck_workers(self) -> None:
         now = time.monotonic()
         for slot in self._slots:
             if slot.pid and slot.job and not slot.killed and now > slot.job.expires + STUCK_GRACE_SECONDS:
-                log.warning("worker %d held a call %.0fs past its deadline: killing it", slot.pid,
-                            now - slot.job.expires)
-                _signal(slot.pid, signal.SIGKILL)
-                slot.killed = True
+                self._kill(slot, f"held a call {now - slot.job.expires:.0f}s past its deadline")
+
+    def _kill(self, slot: WorkerSlot, why: str) -> None:
+        """SIGKILL a worker that cannot be trusted to go on; reaping it retries its call and replaces it."""
+        log.warning("worker %d %s: killing it", slot.pid, why)
+        _signal(slot.pid, signal.SIGKILL)
+        slot.killed = True
+        if slot.routing_id in self._idle:
+            self._idle.remove(slot.routing_id)
 
     def _reap_workers(self, restart: bool = True) -> None:
         while True:
@@ -287,6 +316,7 @@ class Supervisor:
         routing_id = slot.routing_id
         if routing_id in self._idle:
             self._idle.remove(routing_id)
+        del self._by_routing_id[routing_id]
         job, slot.pid = self._take_job(slot), 0
         self._refresh_current_key()
         if job is not None:
@@ -294,7 +324,7 @@ class Supervisor:
         if not restart:
             return
         if fatal:
-            reason = slot.status.reason if slot.status.state == "fatal" else f"worker exited with code {code}"
+            reason = slot.status.reason if slot.status.state is WorkerState.FATAL else f"worker exited with code {code}"
             raise FatalError(reason, code)
         log.warning("worker %s exited with code %d", routing_id.decode(), code)
         now = time.monotonic()
@@ -302,12 +332,14 @@ class Supervisor:
             slot.restart_delay = RESTART_FIRST_SECONDS
         slot.restart_at = now + slot.restart_delay
         slot.restart_delay = min(slot.restart_delay * 2, RESTART_MAX_SECONDS)
-        slot.status = worker_protocol.WorkerStatus("failed", f"worker exited with code {code}", "", ())
+        slot.status = WorkerStatus(WorkerState.FAILED, f"worker exited with code {code}", "", ())
 
     def _send_control(self) -> None:
         # Sent from the loop, not the signal handler: ZeroMQ sockets are not reentrant.
         while self._pending_control:
-            self._back.send_multipart([self._pending_control.pop(), worker_protocol.REFRESH_KEYS])
+            routing_id = self._pending_control.pop()
+            if routing_id in self._by_routing_id:
+                self._back.send_multipart([routing_id, worker_protocol.REFRESH_KEYS])
 
     def _refresh_current_key(self) -> None:
         self._current_key_id = worker_protocol.agreed_current_key([s.status for s in self._slots if s.pid])
@@ -327,31 +359,46 @@ class Supervisor:
             self._reply_error(job.client, job.request_id, job.op, code, message)
 
     def _on_worker_message(self, frames: list[bytes]) -> None:
-        routing_id, kind, *rest = frames
-        slot = next((s for s in self._slots if s.pid and s.routing_id == routing_id), None)
-        if slot is None:
-            return  # a worker that was already reaped
-        if kind == worker_protocol.REPLY:
-            client, reply = rest
-            self._front.send_multipart([client, reply])
-            self._take_job(slot)
-        elif kind == worker_protocol.RETURN_JOB:
-            job = self._take_job(slot)
-            if job is not None:
-                self._retry_or_fail(job, ErrorCode.TOKEN_UNAVAILABLE, "broker worker lost the token")
-        elif kind == worker_protocol.STATUS:
-            slot.status = worker_protocol.decode_status(rest[0])
-            self._refresh_current_key()
-        elif kind == worker_protocol.STATS:
-            try:
-                self._token_stats.add(worker_protocol.decode_stats(rest[0]))
-            except ValueError as exc:  # msgpack's errors and SchemaError alike
-                log.warning("dropped a malformed tally from worker %s: %s", routing_id.decode(), exc)
-        ready = slot.status.state == "ready" and slot.job is None
+        routing_id, *message = frames
+        slot = self._by_routing_id.get(routing_id)
+        if slot is None or slot.killed:
+            return  # from a worker already reaped or being killed: nothing it says counts any more
+        try:
+            kind = self._worker_messages.get(message[0]) if message else None
+            if kind is None:
+                raise ProtocolViolation("unknown message kind")
+            if kind.while_serving and slot.job is None:
+                raise ProtocolViolation(f"{message[0]!r} while holding no request")
+            kind.handle(slot, kind.decode(message))
+        except ProtocolViolation as exc:
+            # A broken or subverted worker: never trust what else it says, never let it stop the broker.
+            self._kill(slot, f"broke the worker protocol ({exc})")
+            return
+        ready = slot.status.state is WorkerState.READY and slot.job is None
         if ready and routing_id not in self._idle:
             self._idle.append(routing_id)
         elif not ready and routing_id in self._idle:
             self._idle.remove(routing_id)
+
+    def _on_status(self, slot: WorkerSlot, status: WorkerStatus) -> None:
+        slot.status = status
+        self._refresh_current_key()
+
+    def _on_stats(self, _slot: WorkerSlot, stats: TokenStats) -> None:
+        self._token_stats.add(stats)
+
+    def _on_reply(self, slot: WorkerSlot, reply: WorkerReply) -> None:
+        job = slot.job
+        assert job is not None  # the table admits a reply only from a worker holding a request
+        if (reply.client, reply.request_id, reply.op) != (job.client, job.request_id, job.op):
+            raise ProtocolViolation("reply does not answer the request it holds")
+        self._front.send_multipart([reply.client, reply.frame])
+        self._take_job(slot)
+
+    def _on_return_job(self, slot: WorkerSlot, _nothing: None) -> None:
+        job = self._take_job(slot)
+        assert job is not None
+        self._retry_or_fail(job, ErrorCode.TOKEN_UNAVAILABLE, "broker worker lost the token")
 
     # -- clients -------------------------------------------------------------------------------------
 
@@ -368,18 +415,18 @@ class Supervisor:
             if exc.request_id is not None and exc.op is not None:
                 self._reply_error(client, exc.request_id, exc.op, ErrorCode.INVALID_REQUEST, str(exc))
             return  # without an id and an operation there is nobody to answer
-        op = ipc_schema.op_of(request)
-        if isinstance(request, ipc_schema.HealthRequest):
+        op = request.op
+        if op is ipc_schema.Op.HEALTH:
             # Not queued, so bounded here: a peer asking in a loop gets short refusals, not full reports.
             if not self._health_limit.allow():
                 self._reply_error(client, request.id, op, ErrorCode.BUSY, "too many health requests")
                 return
             self._front.send_multipart([client, ipc_schema.encode_reply(self._health(request.id), op)])
             return
-        if not any(slot.status.state == "ready" for slot in self._slots):
+        if not any(slot.status.state is WorkerState.READY for slot in self._slots):
             self._reply_error(client, request.id, op, ErrorCode.TOKEN_UNAVAILABLE, self._not_ready_reason())
             return
-        if isinstance(request, ipc_schema.WrapRequest) and not self._current_key_id:
+        if op is ipc_schema.Op.WRAP and not self._current_key_id:
             self._reply_error(client, request.id, op, ErrorCode.TOKEN_UNAVAILABLE,
                               f"no usable key labelled {self.config.keys.current_label!r}")
             return
@@ -396,10 +443,11 @@ class Supervisor:
             if now >= job.expires:
                 continue  # its caller gave up already; the token's time is better spent elsewhere
             routing_id = self._idle.popleft()
-            slot = next(s for s in self._slots if s.pid and s.routing_id == routing_id)
+            slot = self._by_routing_id[routing_id]
             slot.job, slot.busy_since = job, now
             # Every wrap uses the agreed key, whichever worker runs it.
-            self._back.send_multipart([routing_id, job.client, job.frame, self._current_key_id.encode()])
+            self._back.send_multipart([routing_id, *worker_protocol.encode_job(
+                worker_protocol.Job(job.client, job.frame, self._current_key_id))])
 
     def _take_job(self, slot: WorkerSlot) -> Job | None:
         """The job a worker no longer serves (answered, handed back, or lost with the worker)."""
@@ -409,9 +457,9 @@ class Supervisor:
         return job
 
     def _health(self, request_id: int) -> ipc_schema.HealthResult:
-        ready = [s.status for s in self._slots if s.status.state == "ready"]
+        ready = [s.status for s in self._slots if s.status.state is WorkerState.READY]
         key_ids = list(dict.fromkeys(k for s in ready for k in s.key_ids))  # newest first, as workers list them
-        workers = tuple(ipc_schema.WorkerHealth(s.status.state, s.status.reason) for s in self._slots)
+        workers = tuple(ipc_schema.WorkerHealth(s.status.state.value, s.status.reason) for s in self._slots)
         return ipc_schema.HealthResult(request_id, self._current_key_id, tuple(key_ids), workers, self._stats())
 
     def _stats(self) -> BrokerStats:
@@ -422,7 +470,8 @@ class Supervisor:
         return BrokerStats(self._token_stats, len(busy), len(self._idle), busy_us)
 
     def _not_ready_reason(self) -> str:
-        reasons = [s.status.reason for s in self._slots if s.status.state in ("failed", "fatal") and s.status.reason]
+        reasons = [s.status.reason for s in self._slots
+                   if s.status.state in (WorkerState.FAILED, WorkerState.FATAL) and s.status.reason]
         return reasons[0] if reasons else "broker starting: no worker has opened the token yet"
 
     def _reply_error(self, client: bytes, request_id: int, op: ipc_schema.Op, code: ErrorCode,

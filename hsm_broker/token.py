@@ -53,6 +53,7 @@ _AMBIGUOUS_ERRORS = frozenset({PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_FUNCTION_F
 SELF_TEST_BYTES = 32
 # tpm2-pkcs11's store holds a few kB per key: far below this even with thousands of keys.
 MAX_STORE_BYTES = 64 * 1024 * 1024
+UNKNOWN_KEY_MESSAGE = "key_id not known to this token or not the ciphertext's key"
 
 
 class TokenUnavailable(Exception):
@@ -298,22 +299,18 @@ class Token:
         key_ref = key_ref_for_id(key_id)
         return self._by_ref.get(key_ref) if key_ref is not None else None
 
-    def wrap(self, plaintext: bytes, key: TokenKey | None = None) -> tuple[bytes, str]:
-        key = key or self.current
-        if key is None:
-            raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE,
-                                 f"no usable key labelled {self._current_label!r} in the token")
+    def wrap(self, key: TokenKey, plaintext: bytes) -> bytes:
+        """Seal `plaintext` with `key` (a key this token found): the whole KeySealer ciphertext."""
         header = ciphertext.header_for(key.identity.mechanism, key.identity.key_ref)
-        mechanism = MECHANISMS[key.identity.mechanism]
-        body = self._call(mechanism.seal, self._session, key.objects, header, plaintext)
-        return header + body, key.identity.key_id
+        body: bytes = self._call(MECHANISMS[key.identity.mechanism].seal, self._session, key.objects, header,
+                                 plaintext)
+        return header + body
 
-    def unwrap(self, data: bytes, key_id: str) -> bytes:
+    def unwrap(self, key: TokenKey, data: bytes) -> bytes:
+        """Open a KeySealer ciphertext that must have been made with `key` (a key this token found)."""
         envelope = ciphertext.parse(data)
-        key = self._by_ref.get(envelope.key_ref)
-        if key is None or key.identity.key_id != key_id:
-            raise KeySealerError(ErrorCode.UNKNOWN_KEY, "key_id not known to this token or not the "
-                                 "ciphertext's key")
+        if envelope.key_ref != key.identity.key_ref:
+            raise KeySealerError(ErrorCode.UNKNOWN_KEY, UNKNOWN_KEY_MESSAGE)
         try:
             return self._decrypt(key, envelope)
         except TokenUnavailable as exc:
@@ -324,8 +321,7 @@ class Token:
             # Tell a bad ciphertext from a failing token: a fresh session must round-trip known data.
             self.replace_session()
             probe = os.urandom(SELF_TEST_BYTES)
-            sealed, _ = self.wrap(probe, key)
-            if self._decrypt(key, ciphertext.parse(sealed)) != probe:
+            if self._decrypt(key, ciphertext.parse(self.wrap(key, probe))) != probe:
                 raise TokenUnavailable("token self-test returned wrong data") from None
             raise KeySealerError(ErrorCode.BAD_CIPHERTEXT, "ciphertext failed authentication") from None
 

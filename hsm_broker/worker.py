@@ -10,7 +10,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import PyKCS11
 import zmq
@@ -19,10 +20,19 @@ from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.mechanisms import MECHANISMS
 from keysealer.hsm_broker.pin import read_pin
-from keysealer.hsm_broker.token import SESSION_ERRORS, BadPin, Token, TokenKey, TokenUnavailable, open_token
+from keysealer.hsm_broker.token import (
+    SESSION_ERRORS,
+    UNKNOWN_KEY_MESSAGE,
+    BadPin,
+    Token,
+    TokenKey,
+    TokenUnavailable,
+    open_token,
+)
 from keysealer.shared import ipc_schema
 from keysealer.shared.broker_stats import NO_MECHANISM, OTHER_ERROR, TokenOperation, TokenStats
 from keysealer.shared.errors import ErrorCode, KeySealerError
+from keysealer.shared.ipc_schema import WorkerState
 from keysealer.shared.process import EXIT_BAD_PIN, FatalError
 from keysealer.shared.sandbox import lock_down
 
@@ -61,10 +71,14 @@ class Worker:
         self._logged_in_before = False
         self._stats = TokenStats()  # counted since the last tally sent
         self._stats_sent_at = 0.0
+        # The operations a worker performs, each with its handler (health is the supervisor's); the decoder
+        # pairs each operation with its request type.
+        self._operations: dict[ipc_schema.Op, Callable[[Token, Any, str], ipc_schema.Reply]] = {
+            ipc_schema.Op.WRAP: self._wrap, ipc_schema.Op.UNWRAP: self._unwrap}
 
     def run(self) -> int:
         failures = 0
-        self._report("starting", "opening the token")
+        self._report(WorkerState.STARTING, "opening the token")
         while True:
             self._send_stats()
             if self._token is None:
@@ -83,7 +97,7 @@ class Worker:
                     failures += 1
                     if failures >= LOGIN_ATTEMPTS_BEFORE_REPORTING:
                         log.warning("token unavailable: %s; retrying in %.1fs", exc.reason, self._backoff)
-                        self._report("failed", exc.reason)
+                        self._report(WorkerState.FAILED, exc.reason)
                     continue
                 failures = 0
                 if self._logged_in_before:
@@ -117,7 +131,7 @@ class Worker:
 
     def _last_words(self, reason: str, exit_code: int) -> int:
         """Tell the supervisor why this worker exits, and make sure the message leaves before we do."""
-        self._report("fatal", reason)
+        self._report(WorkerState.FATAL, reason)
         self._socket.close(linger=LAST_WORDS_LINGER_MS)
         self._context.term()
         return exit_code
@@ -127,18 +141,18 @@ class Worker:
         assert token is not None
         current = token.current.identity if token.current else None
         reason = "" if current else f"no usable key labelled {self._config.keys.current_label!r}"
-        self._report("ready", reason, current.key_id if current else "", tuple(token.key_ids),
+        self._report(WorkerState.READY, reason, current.key_id if current else "", tuple(token.key_ids),
                      current.created if current else 0)
 
-    def _report(self, state: str, reason: str, current: str = "", key_ids: tuple[str, ...] = (),
+    def _report(self, state: WorkerState, reason: str, current: str = "", key_ids: tuple[str, ...] = (),
                 created: int = 0) -> None:
         status = worker_protocol.WorkerStatus(state, reason, current, key_ids, created)
-        self._socket.send_multipart([worker_protocol.STATUS, worker_protocol.encode_status(status)])
+        self._socket.send_multipart(worker_protocol.encode_status(status))
 
     def _send_stats(self) -> None:
         """Send what we counted, at most once a second: the supervisor adds it to the broker's totals."""
         if self._stats and time.monotonic() - self._stats_sent_at >= STATS_INTERVAL_SECONDS:
-            self._socket.send_multipart([worker_protocol.STATS, worker_protocol.encode_stats(self._stats)])
+            self._socket.send_multipart(worker_protocol.encode_stats(self._stats))
             self._stats, self._stats_sent_at = TokenStats(), time.monotonic()
 
     def _poll_ms(self) -> int:
@@ -172,7 +186,7 @@ class Worker:
                 token.refresh_keys()
         except TokenUnavailable as exc:
             self._drop_token(exc)
-            self._report("failed", "token session lost; reopening")
+            self._report(WorkerState.FAILED, "token session lost; reopening")
             return False
         self._keys_read_at = time.monotonic()
         if (token.current, token.key_ids) != before:
@@ -209,25 +223,28 @@ class Worker:
 
     def _serve_one(self) -> None:
         frames = self._socket.recv_multipart()
-        if frames == [worker_protocol.REFRESH_KEYS]:
+        if frames[0] == worker_protocol.REFRESH_KEYS and len(frames) == 1:
             self._refresh_keys(0.0)
             return
+        job = worker_protocol.decode_job(frames)  # anything else the supervisor sends is a bug: we exit
         token = self._token
         if token is None:  # handed to us just as we lost the token: someone else can run it
             self._socket.send(worker_protocol.RETURN_JOB)
             return
-        client, frame, wrap_key_id = frames
-        request = ipc_schema.decode_request(frame)  # the supervisor validated it already
-        op = ipc_schema.op_of(request)
-        reply = self._handle(token, request, wrap_key_id.decode())
-        self._socket.send_multipart([worker_protocol.REPLY, client, ipc_schema.encode_reply(reply, op)])
+        request = ipc_schema.decode_request(job.frame)  # the supervisor validated it already
+        reply = self._handle(token, request, job.wrap_key_id)
+        self._socket.send_multipart(worker_protocol.encode_reply(job.client, ipc_schema.encode_reply(reply,
+                                                                                                    request.op)))
         if self._token is None:
-            self._report("failed", "token session lost; reopening")
+            self._report(WorkerState.FAILED, "token session lost; reopening")
 
     def _handle(self, token: Token, request: ipc_schema.Request, wrap_key_id: str) -> ipc_schema.Reply:
+        perform = self._operations.get(request.op)
+        if perform is None:
+            return ipc_schema.ErrorReply(request.id, ErrorCode.INVALID_REQUEST, "not a worker operation")
         try:
             try:
-                reply = self._perform(token, request, wrap_key_id)
+                reply = perform(token, request, wrap_key_id)
             except TokenUnavailable as exc:
                 if exc.ckr not in SESSION_ERRORS:
                     raise  # counted where the token is dropped
@@ -235,7 +252,7 @@ class Worker:
                 # Wrap and unwrap are idempotent: once more on a fresh session, still logged in.
                 token.replace_session()
                 self._stats.session_replacements += 1
-                reply = self._perform(token, request, wrap_key_id)
+                reply = perform(token, request, wrap_key_id)
         except KeySealerError as exc:
             return ipc_schema.ErrorReply(request.id, exc.code, exc.message)
         except TokenUnavailable as exc:
@@ -244,33 +261,26 @@ class Worker:
         self._backoff = RETRY_FIRST_SECONDS
         return reply
 
-    def _perform(self, token: Token, request: ipc_schema.Request, wrap_key_id: str) -> ipc_schema.Reply:
-        if isinstance(request, ipc_schema.WrapRequest):
-            key = self._wrap_key(token, wrap_key_id)
-            with self._timed(TokenOperation.WRAP, _mechanism_name(key)):
-                sealed, key_id = token.wrap(request.plaintext, key)
-            return ipc_schema.WrapResult(request.id, sealed, key_id)
-        if isinstance(request, ipc_schema.UnwrapRequest):
-            return ipc_schema.UnwrapResult(request.id, self._unwrap(token, request))
-        return ipc_schema.ErrorReply(request.id, ErrorCode.INVALID_REQUEST, "not a worker operation")
+    def _wrap(self, token: Token, request: ipc_schema.WrapRequest, wrap_key_id: str) -> ipc_schema.WrapResult:
+        key = self._key(token, wrap_key_id, ErrorCode.TOKEN_UNAVAILABLE,
+                        "the agreed current key is not usable in this worker")
+        with self._timed(TokenOperation.WRAP, _mechanism_name(key)):
+            return ipc_schema.WrapResult(request.id, token.wrap(key, request.plaintext), key.identity.key_id)
 
-    def _wrap_key(self, token: Token, key_id: str) -> TokenKey:
+    def _unwrap(self, token: Token, request: ipc_schema.UnwrapRequest, _wrap_key_id: str) -> ipc_schema.UnwrapResult:
+        key = self._key(token, request.key_id, ErrorCode.UNKNOWN_KEY, UNKNOWN_KEY_MESSAGE)
+        with self._timed(TokenOperation.UNWRAP, _mechanism_name(key)):
+            return ipc_schema.UnwrapResult(request.id, token.unwrap(key, request.ciphertext))
+
+    def _key(self, token: Token, key_id: str, code: ErrorCode, missing: str) -> TokenKey:
+        """The usable key `key_id` names, looked up once per call. An unknown key is refused before any
+        token call (nothing to time)."""
         key = token.key_by_id(key_id)
         if key is None and self._look_again_for_missing_key():
             key = token.key_by_id(key_id)
         if key is None:
-            raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE, "the agreed current key is not usable in this worker")
+            raise KeySealerError(code, missing)
         return key
-
-    def _unwrap(self, token: Token, request: ipc_schema.UnwrapRequest) -> bytes:
-        key = token.key_by_id(request.key_id)
-        # A key created since we last looked (by the CLI or another node) is found on a second look.
-        if key is None and self._look_again_for_missing_key():
-            key = token.key_by_id(request.key_id)
-        # An unknown key is refused (unknown_key) before any token call: nothing to time.
-        timing = self._timed(TokenOperation.UNWRAP, _mechanism_name(key)) if key else contextlib.nullcontext()
-        with timing:
-            return token.unwrap(request.ciphertext, request.key_id)
 
 
 def _mechanism_name(key: TokenKey) -> str:

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sized
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import msgpack
 
@@ -58,6 +58,13 @@ class Op(StrEnum):
     HEALTH = "health"
 
 
+class WorkerState(StrEnum):
+    STARTING = "starting"  # opening the token, logging in
+    READY = "ready"  # serving
+    FAILED = "failed"  # cannot serve now, retrying
+    FATAL = "fatal"  # about to exit for good (wrong PIN, bad PIN file): the broker stops
+
+
 class SchemaError(ValueError):
     """A frame that does not follow the schema. request_id is set when the frame named one."""
 
@@ -69,6 +76,7 @@ class SchemaError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class WrapRequest:
+    op: ClassVar[Op] = Op.WRAP
     id: int
     ttl_ms: int
     plaintext: bytes
@@ -76,6 +84,7 @@ class WrapRequest:
 
 @dataclass(frozen=True, slots=True)
 class UnwrapRequest:
+    op: ClassVar[Op] = Op.UNWRAP
     id: int
     ttl_ms: int
     ciphertext: bytes
@@ -84,6 +93,7 @@ class UnwrapRequest:
 
 @dataclass(frozen=True, slots=True)
 class HealthRequest:
+    op: ClassVar[Op] = Op.HEALTH
     id: int
     ttl_ms: int
 
@@ -93,6 +103,7 @@ Request = WrapRequest | UnwrapRequest | HealthRequest
 
 @dataclass(frozen=True, slots=True)
 class WrapResult:
+    op: ClassVar[Op] = Op.WRAP
     id: int
     ciphertext: bytes
     key_id: str
@@ -100,6 +111,7 @@ class WrapResult:
 
 @dataclass(frozen=True, slots=True)
 class UnwrapResult:
+    op: ClassVar[Op] = Op.UNWRAP
     id: int
     plaintext: bytes
 
@@ -112,6 +124,7 @@ class WorkerHealth:
 
 @dataclass(frozen=True, slots=True)
 class HealthResult:
+    op: ClassVar[Op] = Op.HEALTH
     id: int
     current_key_id: str  # "" while no worker has found the current key
     key_ids: tuple[str, ...]
@@ -277,7 +290,16 @@ def encode_reply(reply: Reply, op: Op) -> bytes:
 
 
 def decode_reply(frame: bytes) -> Reply:
+    return decode_reply_and_op(frame)[0]
+
+
+def decode_reply_and_op(frame: bytes) -> tuple[Reply, Op]:
+    """A reply and the operation it answers (an error reply names it in its envelope only)."""
     fields, op, reply_id = _open_envelope(frame, MAX_REPLY_FRAME)
+    return _reply_fields(fields, op, reply_id), op
+
+
+def _reply_fields(fields: dict[str, Any], op: Op, reply_id: int) -> Reply:
     if fields.get("ok") is False:
         _check(fields, _ERROR_FIELDS, reply_id)
         try:
@@ -373,11 +395,3 @@ def _is_error_count(entry: Any) -> bool:
 
 def _is_count(value: Any) -> bool:
     return type(value) is int and 0 <= value <= MAX_COUNT
-
-
-def op_of(request: Request) -> Op:
-    if isinstance(request, WrapRequest):
-        return Op.WRAP
-    if isinstance(request, UnwrapRequest):
-        return Op.UNWRAP
-    return Op.HEALTH

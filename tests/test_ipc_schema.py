@@ -46,7 +46,6 @@ from keysealer.shared.ipc_schema import (
     decode_request,
     encode_reply,
     encode_request,
-    op_of,
     token_stats_from_wire,
     token_stats_to_wire,
 )
@@ -126,10 +125,10 @@ def test_request_round_trip(request_: WrapRequest | UnwrapRequest | HealthReques
     assert decoded == request_
 
 
-def test_op_of_names_every_request_type() -> None:
-    assert op_of(WrapRequest(1, 1, b"x")) is Op.WRAP
-    assert op_of(UnwrapRequest(1, 1, CT, KEY_ID)) is Op.UNWRAP
-    assert op_of(HealthRequest(1, 1)) is Op.HEALTH
+def test_every_request_type_names_its_operation() -> None:
+    assert WrapRequest(1, 1, b"x").op is Op.WRAP
+    assert UnwrapRequest(1, 1, CT, KEY_ID).op is Op.UNWRAP
+    assert HealthRequest(1, 1).op is Op.HEALTH
 
 
 def test_encoded_request_is_the_documented_map() -> None:
