@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keysealer.shared.config_loader import bounded, load_config
+from keysealer.shared.safe_paths import socket_path_problem
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class IpcConfig:
     frontend_user: str | None = None
     # Group given to the socket directory so the frontend's user can reach the socket.
     group: str | None = None
+
+    @property
+    def worker_socket(self) -> Path:
+        """The workers' socket, in a directory only the broker's user can enter."""
+        return self.socket.parent / "workers" / "backend.sock"
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,9 @@ def _validate(config: BrokerConfig, path: Path) -> None:
         raise ConfigError(f"{path}: token.module: no such file: {token.module}")
     if not config.keys.current_label:
         raise ConfigError(f"{path}: keys.current_label: must not be empty")
+    problem = socket_path_problem(config.ipc.socket) or socket_path_problem(config.ipc.worker_socket)
+    if problem:
+        raise ConfigError(f"{path}: ipc.socket: {problem}")
     if not config.ipc.client_keys:
         raise ConfigError(f"{path}: ipc.client_keys: list at least one frontend public key")
     for group in config.groups:

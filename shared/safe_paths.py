@@ -1,0 +1,240 @@
+"""Paths a process started as root may touch, and how: never through anything another user can change.
+
+Every directory is reached component by component from `/` with O_NOFOLLOW|O_DIRECTORY; each existing
+component is checked before we go on: owned by root or by us (a symlink is followed only if root or we own
+it), and not writable by others unless it has the sticky bit (as /tmp does). A directory we manage (a
+socket directory) may also belong to the service user; it is created with mkdir(dir_fd=...) and given
+its owner and mode with fchown/fchmod on its descriptor. Stale sockets are removed relative to the
+verified directory's descriptor, and sockets get their owner, group and mode when bind() creates them
+(below), never by path afterwards. Anything unexpected is refused with one line (exit 2).
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import pwd
+import socket
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from keysealer.shared.process import EXIT_USAGE, FatalError, UsageError
+from keysealer.shared.sandbox import STAY_ROOT
+from keysealer.shared.socket_path import MAX_SOCKET_PATH_BYTES, group_id, umask
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_SYMLINKS = 40  # as the kernel's own path walk
+# Directories we create on the way to a socket directory: others must be able to traverse them.
+_PARENT_MODE = 0o755
+
+
+class UnsafePathError(UsageError):
+    """A path someone other than root or us could redirect, or one we cannot use as configured."""
+
+
+def socket_path_problem(path: Path) -> str | None:
+    """Why `path` cannot be a socket path. Checked at config load, before anything is created: sun_path
+    holds 107 bytes, and a relative path would depend on the working directory of whoever starts us."""
+    if not path.is_absolute():
+        return "must be an absolute path"
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        return f"socket path {path} is longer than {MAX_SOCKET_PATH_BYTES} bytes"
+    return None
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who what we create belongs to: the user we run as in the end, and a group."""
+
+    uid: int
+    gid: int
+
+
+def owner_of_created(account: pwd.struct_passwd | None, group: str | None, field: str) -> Owner:
+    """The service account (or us, when there is none) with `group` (named by config `field`), else the
+    account's own group."""
+    uid = account.pw_uid if account else os.geteuid()
+    gid = group_id(group, field) if group is not None else account.pw_gid if account else os.getegid()
+    return Owner(uid, gid)
+
+
+def service_account(user: str | None) -> pwd.struct_passwd | None:
+    """The account a root-started process becomes, or None when it stays who it is."""
+    if os.geteuid() != 0 or user in (None, STAY_ROOT):
+        return None
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise FatalError(f"user: no user named {user!r}", EXIT_USAGE) from None
+
+
+def _refuse(path: Path | str, why: str) -> UnsafePathError:
+    return UnsafePathError(f"{path}: {why}; refusing to use it")
+
+
+def check_trusted(info: os.stat_result, path: Path | str, owners: frozenset[int] = frozenset()) -> None:
+    """A file or directory only root, we (and `owners`) can change; others may add entries only to a
+    sticky directory."""
+    trusted = {0, os.geteuid(), *owners}
+    if info.st_uid not in trusted:
+        raise _refuse(path, f"owned by uid {info.st_uid}, not by root or uid {os.geteuid()}")
+    others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if others_write and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
+        raise _refuse(path, f"mode {stat.S_IMODE(info.st_mode):04o} lets others write it")
+
+
+def open_directory(path: Path, owners: frozenset[int] = frozenset(), create_parents: bool = False) -> int:
+    """A descriptor of directory `path`, reached without following a symlink anyone else controls.
+
+    Every ancestor must pass check_trusted; `path` itself may also belong to a uid in `owners`.
+    With create_parents, missing directories are created (0755, ours) on the way.
+    """
+    if not path.is_absolute():
+        raise _refuse(path, "not an absolute path")
+    fd = os.open("/", _DIR_FLAGS)
+    pending = list(path.parts[1:])
+    walked = Path("/")
+    links = 0
+    try:
+        check_trusted(os.fstat(fd), walked)
+        while pending:
+            name = pending.pop(0)
+            last = not pending
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create_parents:
+                    raise UnsafePathError(f"{walked / name}: no such directory") from None
+                with contextlib.suppress(FileExistsError):  # raced with someone: the reopen checks it
+                    os.mkdir(name, _PARENT_MODE, dir_fd=fd)
+                    os.chmod(name, _PARENT_MODE, dir_fd=fd, follow_symlinks=False)
+                pending.insert(0, name)
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePathError(f"{walked / name}: cannot open: {exc.strerror}") from None
+                target = _trusted_link(fd, name, walked)
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise _refuse(path, "too many symbolic links") from None
+                if target.is_absolute():
+                    os.close(fd)
+                    fd, walked = os.open("/", _DIR_FLAGS), Path("/")
+                pending[:0] = [part for part in target.parts if part != "/"]
+                continue
+            os.close(fd)
+            fd, walked = child, walked / name
+            check_trusted(os.fstat(fd), walked, owners if last else frozenset())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _trusted_link(dir_fd: int, name: str, walked: Path) -> Path:
+    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISLNK(info.st_mode):
+        raise _refuse(walked / name, "not a directory")
+    if info.st_uid not in (0, os.geteuid()):
+        raise _refuse(walked / name, f"a symbolic link owned by uid {info.st_uid}")
+    return Path(os.readlink(name, dir_fd=dir_fd))
+
+
+def prepare_directory(path: Path, mode: int, owner: Owner, parent_fd: int | None = None) -> int:
+    """Create directory `path` if missing (in `parent_fd` when given, else after a checked walk to its
+    parent), and give it `owner` and `mode` on its descriptor. An existing one must belong to root, us or
+    the owner-to-be: never adopt a directory someone else made (in /tmp, say)."""
+    own_parent = parent_fd is None
+    parent = open_directory(path.parent, create_parents=True) if parent_fd is None else parent_fd
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path.name, 0o700, dir_fd=parent)
+        try:
+            fd = os.open(path.name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            raise _refuse(path, "not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR)
+                          else f"cannot open: {exc.strerror}") from None
+    finally:
+        if own_parent:
+            os.close(parent)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid not in (0, os.geteuid(), owner.uid):
+            raise _refuse(path, f"owned by uid {info.st_uid}, which did not create it for us")
+        os.fchown(fd, owner.uid, owner.gid)
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class SocketDirectory:
+    """A verified directory our sockets live in, held open: every later operation is relative to it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def existing(cls, path: Path, owners: frozenset[int] = frozenset()) -> "SocketDirectory":
+        return cls(path, open_directory(path, owners))
+
+    def claim(self, name: str) -> None:
+        """Make `name` free to bind: a stale socket (nobody listens) is removed, a live one never is."""
+        where = self.path / name
+        try:
+            mode = os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise UsageError(f"{where} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(where))
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.fd)  # nobody listens: left behind by a crashed process
+            return
+        except OSError as exc:
+            raise UsageError(f"{where}: cannot check whether the socket is in use: {exc.strerror}") from None
+        finally:
+            probe.close()
+        raise UsageError(f"{where} is served by another live process; refusing to take it over")
+
+    @contextlib.contextmanager
+    def creating(self, name: str, mode: int, owner: Owner) -> Iterator[str]:
+        """The path to bind `name` at; the socket bind() creates there has `mode` and `owner` from birth.
+
+        Started by root for a service user, we bind with that user's uid and the wanted group as our
+        effective ids: the kernel gives the new socket those, and a directory that user controls can only
+        redirect the bind to where that user could bind anyway. Otherwise the directory is ours (checked
+        when opened) and nobody else can swap the socket, so its group is set by name without following.
+        """
+        root, saved_gid = os.geteuid() == 0, os.getegid()
+        with umask(0o777 & ~mode):
+            if root:
+                os.setegid(owner.gid)
+                os.seteuid(owner.uid)
+            try:
+                yield str(self.path / name)
+            finally:
+                if root:
+                    os.seteuid(0)
+                    os.setegid(saved_gid)
+        if not root and owner.gid != saved_gid:
+            os.chown(name, -1, owner.gid, dir_fd=self.fd, follow_symlinks=False)
+
+    def remove(self, name: str) -> None:
+        """Remove our socket at exit; a process that dropped privileges may lack the right, and a stale
+        socket is taken over at the next start anyway."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove %s: %s; the next start takes it over", self.path / name, exc.strerror)
