@@ -238,3 +238,39 @@ class SocketDirectory:
             pass
         except OSError as exc:
             log.warning("could not remove %s: %s; the next start takes it over", self.path / name, exc.strerror)
+
+
+def check_tree(dir_fd: int, path: Path) -> None:
+    """Everything under the open directory `dir_fd`: no symlink, nothing owned or writable by others.
+
+    For a directory whose content root acts on (`keysealer dev`'s state: its broker.yaml names the module
+    the broker loads): reused only if nobody else could have written any of it.
+    """
+    for entry in os.scandir(dir_fd):
+        info = entry.stat(follow_symlinks=False)
+        if stat.S_ISLNK(info.st_mode):
+            raise _refuse(path / entry.name, "a symbolic link")
+        check_trusted(info, path / entry.name)
+        if stat.S_ISDIR(info.st_mode):
+            child = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                check_tree(child, path / entry.name)
+            finally:
+                os.close(child)
+
+
+def open_own_directory(path: Path) -> int:
+    """Directory `path`, created 0700 if missing, reached by a checked walk: root's (or ours) and nobody
+    else's."""
+    parent = open_directory(path.parent, create_parents=True)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path.name, 0o700, dir_fd=parent)
+    finally:
+        os.close(parent)
+    return open_directory(path)
+
+
+def create_file(dir_fd: int, name: str, mode: int) -> int:
+    """A new file `name` in a checked directory: never an existing one, never through a symlink."""
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
