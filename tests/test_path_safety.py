@@ -37,7 +37,11 @@ def _config(path: Path, changes: dict[str, Any]) -> Path:
 
 def _run(module: str, config: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", module, "--config", str(config), "--log-text"], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def _keysealer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["keysealer", *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 def _one_line_refusal(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -181,33 +185,36 @@ def test_frontend_user_swapping_kms_sock_for_a_symlink_gains_nothing(plugin_file
         "user": "nobody", "listen": {"socket": f"{run_dir}/kms.sock", "mode": "0660", "group": "daemon"},
         "metrics": {"socket": f"{run_dir}/metrics.sock"}})
     for attempt in range(3):  # the unfixed frontend lost on the first try
-        swapped = threading.Event()
-        stop = threading.Event()
-
-        def swap(attempt: int = attempt) -> None:
-            link = run_dir / f"link{attempt}"
-            link.symlink_to(target)
-            while not stop.is_set():
-                try:
-                    if stat.S_ISSOCK((run_dir / "kms.sock").lstat().st_mode):
-                        os.rename(link, run_dir / "kms.sock")
-                        swapped.set()
-                        return
-                except FileNotFoundError:
-                    pass
-
-        thread = threading.Thread(target=swap)
-        thread.start()
-        process = _start_frontend(config)
-        try:
-            assert swapped.wait(30), _stop(process)
-            time.sleep(1.0)  # the frontend's own setup carries on after its bind
-        finally:
-            stop.set()
-            thread.join()
-            _stop(process)
+        _swap_when_bound(run_dir / "kms.sock", run_dir / f"link{attempt}", target, config)
         _unchanged(target, before)
         (run_dir / "kms.sock").unlink(missing_ok=True)
+
+
+def _swap_when_bound(socket_path: Path, link: Path, target: Path, config: Path) -> None:
+    """Start the frontend; the moment its socket exists, rename a symlink to `target` over it."""
+    link.symlink_to(target)
+    swapped, stop = threading.Event(), threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            try:
+                if stat.S_ISSOCK(socket_path.lstat().st_mode):
+                    os.rename(link, socket_path)
+                    swapped.set()
+                    return
+            except FileNotFoundError:
+                pass
+
+    thread = threading.Thread(target=swap)
+    thread.start()
+    process = _start_frontend(config)
+    try:
+        assert swapped.wait(30), _stop(process)
+        time.sleep(1.0)  # the frontend's own setup carries on after its bind
+    finally:
+        stop.set()
+        thread.join()
+        _stop(process)
 
 
 def test_frontend_refuses_a_socket_directory_another_user_owns(plugin_files: Plugin, state_dir: Path) -> None:
@@ -237,11 +244,16 @@ def test_dev_as_root_refuses_a_state_dir_another_user_made(state_dir: Path) -> N
     marker = state_dir / "module-ran"
     module = planted / "evil.so"
     _fake_module(module, marker)
-    (planted / "broker.yaml").write_text(yaml.safe_dump({"token": {"module": str(module)}}))
-    for path in (module, planted / "broker.yaml"):
+    (planted / "pin").write_text("1234\n")
+    os.chmod(planted / "pin", 0o600)
+    (planted / "broker.yaml").write_text(yaml.safe_dump({
+        "token": {"module": str(module), "token_label": "t", "pin_file": str(planted / "pin")},
+        "keys": {"current_label": "k"},
+        "ipc": {"socket": f"{planted}/broker/broker.sock", "server_key": f"{planted}/ipc-keys/broker.key_secret",
+                "client_keys": [f"{planted}/ipc-keys/frontend.key"]}}))
+    for path in (module, planted / "broker.yaml", planted / "pin"):
         os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
-    result = subprocess.run(["keysealer", "dev", "--state-dir", str(planted)], capture_output=True, text=True,
-                            timeout=120)
+    result = _keysealer("dev", "--state-dir", str(planted))
     _one_line_refusal(result, f"{planted}: owned by uid {NOBODY.pw_uid}")
     assert not marker.exists()
 
@@ -250,15 +262,13 @@ def test_dev_as_root_refuses_a_state_dir_another_user_made(state_dir: Path) -> N
 def test_dev_as_root_refuses_an_entry_another_user_owns_in_its_state_dir(state_dir: Path, planted: str) -> None:
     Plugin(state_dir)  # a complete state dir, then one entry handed to another user
     os.chown(state_dir / planted, NOBODY.pw_uid, NOBODY.pw_gid)
-    result = subprocess.run(["keysealer", "dev", "--state-dir", str(state_dir)], capture_output=True, text=True,
-                            timeout=120)
+    result = _keysealer("dev", "--state-dir", str(state_dir))
     _one_line_refusal(result, f"{state_dir / planted}: owned by uid {NOBODY.pw_uid}")
 
 
 def test_dev_refuses_a_state_dir_others_can_write(state_dir: Path) -> None:
     os.chmod(state_dir, 0o777)
-    result = subprocess.run(["keysealer", "dev", "--state-dir", str(state_dir)], capture_output=True, text=True,
-                            timeout=120)
+    result = _keysealer("dev", "--state-dir", str(state_dir))
     _one_line_refusal(result, f"{state_dir}: mode 0777 lets others write it")
     assert list(state_dir.iterdir()) == []
 
@@ -273,7 +283,6 @@ def test_ipc_keygen_refuses_a_directory_others_control(state_dir: Path, shape: s
     else:
         _owned_by_nobody(keys, 0o755)
         why = f"owned by uid {NOBODY.pw_uid}"
-    result = subprocess.run(["keysealer", "ipc-keygen", "--dir", str(keys), "--name", "broker"],
-                            capture_output=True, text=True, timeout=60)
+    result = _keysealer("ipc-keygen", "--dir", str(keys), "--name", "broker")
     _one_line_refusal(result, f"{keys}: {why}")
     assert list(keys.iterdir()) == []
