@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keysealer.shared.config_loader import ConfigError, bounded, load_config
-from keysealer.shared.safe_paths import socket_path_problem
+from keysealer.shared.safe_paths import check_file_root_reads, socket_path_problem
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class FrontendConfig:
 
 
 def load_frontend_config(path: Path) -> FrontendConfig:
+    check_file_root_reads(path, "config")  # it names the user to become and the broker key to trust
     config = load_config(path, FrontendConfig)
     if config.listen.mode == "0660" and config.listen.group is None:
         raise ConfigError(f"{path}: listen.group: required when listen.mode is 0660")

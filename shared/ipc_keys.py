@@ -12,7 +12,7 @@ from pathlib import Path
 import zmq
 
 from keysealer.shared.process import EXIT_USAGE, FatalError
-from keysealer.shared.safe_paths import create_file, open_directory
+from keysealer.shared.safe_paths import check_file_root_reads, create_file, open_directory
 from keysealer.shared.secret_files import read_secret_file
 from keysealer.shared.socket_path import umask
 
@@ -72,6 +72,8 @@ def _fields(data: bytes, path: Path) -> dict[bytes, bytes]:
 
 
 def load_keypair(path: Path) -> KeyPair:
+    # The key may be its service user's own file; the directories above it must be root's.
+    check_file_root_reads(path, "CURVE secret key", any_owner=True)
     data = read_secret_file(path, "CURVE secret key")
     fields = _fields(bytes(data), path)
     data[:] = bytes(len(data))
@@ -81,6 +83,8 @@ def load_keypair(path: Path) -> KeyPair:
 
 
 def load_public_key(path: Path) -> bytes:
+    # Whoever could replace it could pass for the broker (or, in client_keys, for a frontend).
+    check_file_root_reads(path, "CURVE public key")
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -274,3 +274,38 @@ def open_own_directory(path: Path) -> int:
 def create_file(dir_fd: int, name: str, mode: int) -> int:
     """A new file `name` in a checked directory: never an existing one, never through a symlink."""
     return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+
+
+def check_file_root_reads(path: Path, what: str, any_owner: bool = False) -> None:
+    """Refuse a file root is about to read and act on (a config, a key, a PIN, a PKCS #11 module) when
+    anyone but root or us could change what it holds: through the file itself, or through any directory
+    or symlink on its path. Without root there is nothing to take over: no check.
+
+    `any_owner`: the file itself may belong to someone else (a service user's own secret key, whose mode
+    the secret reader checks); its directories still may not.
+    """
+    if os.geteuid() != 0:
+        return
+    current = Path(os.path.abspath(path))
+    for _ in range(_MAX_SYMLINKS):
+        if not os.path.lexists(current):
+            return  # the reader reports a missing file in its own words
+        try:
+            dir_fd = open_directory(current.parent)
+        except UnsafePathError as exc:
+            raise UnsafePathError(f"{what} {path}: {exc}") from None
+        try:
+            info = os.stat(current.name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                if info.st_uid not in (0, os.geteuid()):
+                    raise _refuse(f"{what} {path}", f"{current} is a symbolic link owned by uid {info.st_uid}")
+                current = Path(os.path.abspath(current.parent / os.readlink(current.name, dir_fd=dir_fd)))
+                continue
+        except FileNotFoundError:
+            return
+        finally:
+            os.close(dir_fd)
+        if not any_owner or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            check_trusted(info, f"{what} {path}")
+        return
+    raise _refuse(f"{what} {path}", "too many symbolic links")

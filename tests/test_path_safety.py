@@ -286,3 +286,32 @@ def test_ipc_keygen_refuses_a_directory_others_control(state_dir: Path, shape: s
     result = _keysealer("ipc-keygen", "--dir", str(keys), "--name", "broker")
     _one_line_refusal(result, f"{keys}: {why}")
     assert list(keys.iterdir()) == []
+
+
+def test_root_refuses_a_config_another_user_can_rewrite(plugin_files: Plugin, state_dir: Path) -> None:
+    """The config names the module root loads and the user to become: only root may be able to change it."""
+    config = plugin_files.layout.broker_config
+    os.chown(config, NOBODY.pw_uid, NOBODY.pw_gid)
+    result = _keysealer("keys", "list", "--config", str(config))
+    _one_line_refusal(result, f"config {config}: owned by uid {NOBODY.pw_uid}")
+
+
+def test_root_never_loads_a_module_another_user_can_replace(plugin_files: Plugin, state_dir: Path) -> None:
+    modules = _owned_by_nobody(state_dir / "modules", 0o755)
+    marker = state_dir / "module-ran"
+    _fake_module(modules / "p11.so", marker)
+    config = _config(plugin_files.layout.broker_config, {"token": {"module": str(modules / "p11.so")}})
+    result = _keysealer("keys", "list", "--config", str(config))
+    _one_line_refusal(result, f"token.module {modules / 'p11.so'}: {modules}: owned by uid {NOBODY.pw_uid}")
+    assert not marker.exists()
+
+
+def test_root_started_frontend_refuses_a_broker_key_another_user_could_swap(
+        plugin_files: Plugin, state_dir: Path) -> None:
+    """Whoever can replace broker.server_key can pass for the broker and receive every seed."""
+    keys = _owned_by_nobody(state_dir / "keys", 0o755)
+    public = plugin_files.layout.ipc_key("broker", ".key")
+    (keys / public.name).write_bytes(public.read_bytes())
+    config = _config(plugin_files.layout.frontend_config, {"broker": {"server_key": str(keys / public.name)}})
+    result = _run(FRONTEND, config)
+    _one_line_refusal(result, f"CURVE public key {keys / public.name}: {keys}: owned by uid {NOBODY.pw_uid}")
