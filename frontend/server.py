@@ -62,8 +62,7 @@ async def serve(config: FrontendConfig) -> int:
         try:
             server.add_insecure_port(f"unix:{bind_path}")
         except RuntimeError:
-            raise FatalError(f"listen.socket: cannot bind {path} as uid {owner.uid} (it needs write access to "
-                             f"{path.parent})", EXIT_USAGE) from None
+            raise FatalError(f"listen.socket: cannot bind {path}", EXIT_USAGE) from None
     await server.start()
     endpoints_state = EndpointState(metrics, health.current)
     endpoints: EndpointServer | None = None

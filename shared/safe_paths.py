@@ -81,7 +81,8 @@ def check_trusted(info: os.stat_result, path: Path | str, owners: frozenset[int]
     sticky directory."""
     trusted = {0, os.geteuid(), *owners}
     if info.st_uid not in trusted:
-        raise _refuse(path, f"owned by uid {info.st_uid}, not by root or uid {os.geteuid()}")
+        us = "" if os.geteuid() == 0 else f" or uid {os.geteuid()}"
+        raise _refuse(path, f"owned by uid {info.st_uid}, not by root{us}")
     others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     if others_write and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
         raise _refuse(path, f"mode {stat.S_IMODE(info.st_mode):04o} lets others write it")
@@ -221,6 +222,9 @@ class SocketDirectory:
                 os.setegid(owner.gid)
                 os.seteuid(owner.uid)
             try:
+                if not os.access(".", os.W_OK | os.X_OK, dir_fd=self.fd, effective_ids=True):
+                    raise UsageError(f"{self.path / name}: uid {os.geteuid()} cannot create it: no write "
+                                     f"access to {self.path}")
                 yield str(self.path / name)
             finally:
                 if root:

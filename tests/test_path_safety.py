@@ -293,7 +293,7 @@ def test_root_refuses_a_config_another_user_can_rewrite(plugin_files: Plugin, st
     config = plugin_files.layout.broker_config
     os.chown(config, NOBODY.pw_uid, NOBODY.pw_gid)
     result = _keysealer("keys", "list", "--config", str(config))
-    _one_line_refusal(result, f"config {config}: owned by uid {NOBODY.pw_uid}")
+    _one_line_refusal(result, f"config {config}: owned by uid {NOBODY.pw_uid}, not by root")
 
 
 def test_root_never_loads_a_module_another_user_can_replace(plugin_files: Plugin, state_dir: Path) -> None:
@@ -315,3 +315,15 @@ def test_root_started_frontend_refuses_a_broker_key_another_user_could_swap(
     config = _config(plugin_files.layout.frontend_config, {"broker": {"server_key": str(keys / public.name)}})
     result = _run(FRONTEND, config)
     _one_line_refusal(result, f"CURVE public key {keys / public.name}: {keys}: owned by uid {NOBODY.pw_uid}")
+
+
+def test_root_started_frontend_says_in_one_line_when_its_user_cannot_create_the_socket(
+        plugin_files: Plugin, state_dir: Path) -> None:
+    """The socket is created as the service user: a directory only root can write is one clear line."""
+    run_dir = state_dir / "run"
+    run_dir.mkdir(mode=0o755)
+    os.chmod(state_dir, 0o755)
+    config = _config(plugin_files.layout.frontend_config, {"user": "nobody",
+                                                           "listen": {"socket": f"{run_dir}/kms.sock"}})
+    result = _run(FRONTEND, config)
+    _one_line_refusal(result, f"{run_dir}/kms.sock: uid {NOBODY.pw_uid} cannot create it: no write access")
