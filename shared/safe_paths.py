@@ -100,6 +100,7 @@ def open_directory(path: Path, owners: frozenset[int] = frozenset(), create_pare
     pending = list(path.parts[1:])
     walked = Path("/")
     links = 0
+    created = ""
     try:
         check_trusted(os.fstat(fd), walked)
         while pending:
@@ -112,7 +113,7 @@ def open_directory(path: Path, owners: frozenset[int] = frozenset(), create_pare
                     raise UnsafePathError(f"{walked / name}: no such directory") from None
                 with contextlib.suppress(FileExistsError):  # raced with someone: the reopen checks it
                     os.mkdir(name, _PARENT_MODE, dir_fd=fd)
-                    os.chmod(name, _PARENT_MODE, dir_fd=fd, follow_symlinks=False)
+                    created = name
                 pending.insert(0, name)
                 continue
             except OSError as exc:
@@ -129,6 +130,9 @@ def open_directory(path: Path, owners: frozenset[int] = frozenset(), create_pare
                 continue
             os.close(fd)
             fd, walked = child, walked / name
+            if created == name:
+                os.fchmod(fd, _PARENT_MODE)  # whatever the umask: `user` must be able to pass through
+                created = ""
             check_trusted(os.fstat(fd), walked, owners if last else frozenset())
     except BaseException:
         os.close(fd)
@@ -209,15 +213,18 @@ class SocketDirectory:
 
     @contextlib.contextmanager
     def creating(self, name: str, mode: int, owner: Owner) -> Iterator[str]:
-        """The path to bind `name` at; the socket bind() creates there has `mode` and `owner` from birth.
+        """The path to bind `name` at; the socket bind() creates there gets `mode` and `owner`, and is never
+        open to more than that on the way.
 
         Started by root for a service user, we bind with that user's uid and the wanted group as our
         effective ids: the kernel gives the new socket those, and a directory that user controls can only
         redirect the bind to where that user could bind anyway. Otherwise the directory is ours (checked
-        when opened) and nobody else can swap the socket, so its group is set by name without following.
+        when opened) and nobody else can swap the socket, so its group and mode are set by name in it.
         """
         root, saved_gid = os.geteuid() == 0, os.getegid()
-        with umask(0o777 & ~mode):
+        regroup = not root and owner.gid != saved_gid
+        # Without root the group is set after bind (below): until then the socket is for us alone.
+        with umask(0o177 if regroup else 0o777 & ~mode):
             if root:
                 os.setegid(owner.gid)
                 os.seteuid(owner.uid)
@@ -230,8 +237,9 @@ class SocketDirectory:
                 if root:
                     os.seteuid(0)
                     os.setegid(saved_gid)
-        if not root and owner.gid != saved_gid:
+        if regroup:
             os.chown(name, -1, owner.gid, dir_fd=self.fd, follow_symlinks=False)
+            os.chmod(name, mode, dir_fd=self.fd)
 
     def remove(self, name: str) -> None:
         """Remove our socket at exit; a process that dropped privileges may lack the right, and a stale

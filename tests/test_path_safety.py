@@ -327,3 +327,18 @@ def test_root_started_frontend_says_in_one_line_when_its_user_cannot_create_the_
                                                            "listen": {"socket": f"{run_dir}/kms.sock"}})
     result = _run(FRONTEND, config)
     _one_line_refusal(result, f"{run_dir}/kms.sock: uid {NOBODY.pw_uid} cannot create it: no write access")
+
+
+def test_directories_created_on_the_way_let_the_service_user_through_whatever_the_umask(
+        plugin_files: Plugin, state_dir: Path) -> None:
+    os.chmod(state_dir, 0o755)
+    socket_dir = state_dir / "new" / "broker"
+    config = _config(plugin_files.layout.broker_config, {"user": "nobody",
+                                                         "ipc": {"socket": f"{socket_dir}/broker.sock"}})
+    subprocess.run([sys.executable, "-m", BROKER, "--config", str(config)], capture_output=True, timeout=60,
+                   check=False, preexec_fn=lambda: os.umask(0o077))
+    assert stat.S_IMODE((state_dir / "new").stat().st_mode) == 0o755
+    info = socket_dir.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (NOBODY.pw_uid, 0o750)
+    workers = (socket_dir / "workers").stat()
+    assert (workers.st_uid, stat.S_IMODE(workers.st_mode)) == (NOBODY.pw_uid, 0o700)
