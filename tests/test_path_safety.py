@@ -342,3 +342,14 @@ def test_directories_created_on_the_way_let_the_service_user_through_whatever_th
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (NOBODY.pw_uid, 0o750)
     workers = (socket_dir / "workers").stat()
     assert (workers.st_uid, stat.S_IMODE(workers.st_mode)) == (NOBODY.pw_uid, 0o700)
+
+
+def test_root_refuses_a_pin_file_in_a_directory_another_user_controls(plugin_files: Plugin, state_dir: Path) -> None:
+    """A PIN someone else can swap costs a failed login as root (and, repeated, a locked token)."""
+    secrets = _owned_by_nobody(state_dir / "secrets", 0o755)
+    pin = secrets / "pin"
+    pin.write_bytes(plugin_files.layout.pin.read_bytes())
+    os.chmod(pin, 0o600)
+    config = _config(plugin_files.layout.broker_config, {"token": {"pin_file": str(pin)}})
+    result = _keysealer("keys", "list", "--config", str(config))
+    _one_line_refusal(result, f"PIN file {pin}: {secrets}: owned by uid {NOBODY.pw_uid}")
