@@ -76,23 +76,28 @@ def _refuse(path: Path | str, why: str) -> UnsafePathError:
     return UnsafePathError(f"{path}: {why}; refusing to use it")
 
 
-def check_trusted(info: os.stat_result, path: Path | str, owners: frozenset[int] = frozenset()) -> None:
+def check_trusted(info: os.stat_result, path: Path | str, owners: frozenset[int] = frozenset(),
+                  check_mode: bool = True) -> None:
     """A file or directory only root, we (and `owners`) can change; others may add entries only to a
-    sticky directory."""
+    sticky directory (unless not `check_mode`)."""
     trusted = {0, os.geteuid(), *owners}
     if info.st_uid not in trusted:
         us = "" if os.geteuid() == 0 else f" or uid {os.geteuid()}"
         raise _refuse(path, f"owned by uid {info.st_uid}, not by root{us}")
     others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    if others_write and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
+    if check_mode and others_write and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
         raise _refuse(path, f"mode {stat.S_IMODE(info.st_mode):04o} lets others write it")
 
 
-def open_directory(path: Path, owners: frozenset[int] = frozenset(), create_parents: bool = False) -> int:
+def open_directory(path: Path, owners: frozenset[int] = frozenset(), create_parents: bool = False,
+                   for_sockets: bool = False) -> int:
     """A descriptor of directory `path`, reached without following a symlink anyone else controls.
 
-    Every ancestor must pass check_trusted; `path` itself may also belong to a uid in `owners`.
-    With create_parents, missing directories are created (0755, ours) on the way.
+    Every component must pass check_trusted; `path` itself may also belong to a uid in `owners`. With
+    create_parents, missing directories are created (0755, ours) on the way. `for_sockets`, run by another
+    user than root: components others can write pass (a pod's emptyDir is 0777): a socket bound somewhere
+    else gives that user no more than its own rights. Content we read back later (dev, ipc-keygen) does
+    not get this leeway.
     """
     if not path.is_absolute():
         raise _refuse(path, "not an absolute path")
@@ -101,8 +106,9 @@ def open_directory(path: Path, owners: frozenset[int] = frozenset(), create_pare
     walked = Path("/")
     links = 0
     created = ""
+    check_mode = os.geteuid() == 0 or not for_sockets
     try:
-        check_trusted(os.fstat(fd), walked)
+        check_trusted(os.fstat(fd), walked, check_mode=check_mode)
         while pending:
             name = pending.pop(0)
             last = not pending
@@ -133,7 +139,7 @@ def open_directory(path: Path, owners: frozenset[int] = frozenset(), create_pare
             if created == name:
                 os.fchmod(fd, _PARENT_MODE)  # whatever the umask: `user` must be able to pass through
                 created = ""
-            check_trusted(os.fstat(fd), walked, owners if last else frozenset())
+            check_trusted(os.fstat(fd), walked, owners if last else frozenset(), check_mode)
     except BaseException:
         os.close(fd)
         raise
@@ -154,7 +160,8 @@ def prepare_directory(path: Path, mode: int, owner: Owner, parent_fd: int | None
     parent), and give it `owner` and `mode` on its descriptor. An existing one must belong to root, us or
     the owner-to-be: never adopt a directory someone else made (in /tmp, say)."""
     own_parent = parent_fd is None
-    parent = open_directory(path.parent, create_parents=True) if parent_fd is None else parent_fd
+    parent = parent_fd if parent_fd is not None else open_directory(path.parent, create_parents=True,
+                                                                    for_sockets=True)
     try:
         with contextlib.suppress(FileExistsError):
             os.mkdir(path.name, 0o700, dir_fd=parent)
@@ -186,7 +193,7 @@ class SocketDirectory:
 
     @classmethod
     def existing(cls, path: Path, owners: frozenset[int] = frozenset()) -> "SocketDirectory":
-        return cls(path, open_directory(path, owners))
+        return cls(path, open_directory(path, owners, for_sockets=True))
 
     def claim(self, name: str) -> None:
         """Make `name` free to bind: a stale socket (nobody listens) is removed, a live one never is."""

@@ -20,6 +20,8 @@ import pytest
 import yaml
 from harness import Plugin, deep_update
 
+from keysealer.shared.safe_paths import Owner, UnsafePathError, prepare_directory
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="plays root starting the plugin")
 
 NOBODY = pwd.getpwnam("nobody")
@@ -353,3 +355,28 @@ def test_root_refuses_a_pin_file_in_a_directory_another_user_controls(plugin_fil
     config = _config(plugin_files.layout.broker_config, {"token": {"pin_file": str(pin)}})
     result = _keysealer("keys", "list", "--config", str(config))
     _one_line_refusal(result, f"PIN file {pin}: {secrets}: owned by uid {NOBODY.pw_uid}")
+
+
+def test_a_broker_run_as_its_user_may_create_its_socket_directory_in_a_pod_emptydir(state_dir: Path) -> None:
+    """A pod shares the broker's socket through an emptyDir (root-owned, 0777): a broker that is not root
+    gains nothing from a redirected path, so its socket directory may go there (not so for root)."""
+    empty_dir = state_dir / "pod"
+    empty_dir.mkdir()
+    os.chmod(empty_dir, 0o777)
+    os.chmod(state_dir, 0o755)
+    pid = os.fork()
+    if pid == 0:  # the broker's setup code, run as its user (nobody cannot run this venv's python)
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY.pw_gid)
+            os.setuid(NOBODY.pw_uid)
+            prepare_directory(empty_dir / "ipc", 0o750, Owner(NOBODY.pw_uid, NOBODY.pw_gid))
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    info = (empty_dir / "ipc").stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (NOBODY.pw_uid, 0o750)
+    with pytest.raises(UnsafePathError, match="mode 0777 lets others write it"):
+        prepare_directory(empty_dir / "ipc-root", 0o750, Owner(0, 0))
