@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keysealer.shared.config_loader import ConfigError, bounded, load_config
+from keysealer.shared.safe_paths import check_file_root_reads, socket_path_problem
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class MetricsConfig:
     # 127.0.0.1 (which lets the frontend's sandbox open IPv4 sockets).
     socket: Path | None = None
     port: int | None = bounded(None, 1, 65535)
+    # Group of the 0660 socket (a scraper's), instead of the frontend user's own group.
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,16 @@ class FrontendConfig:
 
 
 def load_frontend_config(path: Path) -> FrontendConfig:
+    check_file_root_reads(path, "config")  # it names the user to become and the broker key to trust
     config = load_config(path, FrontendConfig)
     if config.listen.mode == "0660" and config.listen.group is None:
         raise ConfigError(f"{path}: listen.group: required when listen.mode is 0660")
     if config.metrics.socket is not None and config.metrics.port is not None:
         raise ConfigError(f"{path}: metrics: set socket or port, not both")
+    sockets = {"listen.socket": config.listen.socket, "broker.socket": config.broker.socket,
+               "metrics.socket": config.metrics.socket}
+    for name, socket in sockets.items():
+        problem = None if socket is None else socket_path_problem(socket)
+        if problem:
+            raise ConfigError(f"{path}: {name}: {problem}")
     return config

@@ -7,6 +7,7 @@ broker, and a slow or idle client holds only its own thread, for a bounded time.
 
 import http.server
 import logging
+import os
 import socketserver
 import sys
 import threading
@@ -19,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from keysealer.frontend.health import Health
 from keysealer.frontend.metrics import Metrics
-from keysealer.shared.socket_path import claim_socket_path, remove_socket, umask
+from keysealer.shared.safe_paths import Owner, SocketDirectory
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,18 @@ class _UnixHTTPServer(_BoundedThreads, socketserver.UnixStreamServer):
 
 
 class EndpointServer:
-    def __init__(self, state: EndpointState, socket: Path | None, port: int | None) -> None:
+    def __init__(self, state: EndpointState, socket: Path | None, port: int | None, dir_owners: frozenset[int],
+                 owner: Owner) -> None:
+        """`socket` is created 0660 for `owner` in a directory root, we or `dir_owners` own (safe_paths)."""
         handler = _handler(state)
-        self._socket = socket
+        self._socket: tuple[SocketDirectory, str] | None = None
         self._server: socketserver.BaseServer
         if socket is not None:
-            claim_socket_path(socket)
-            with umask(0o117):
-                self._server = _UnixHTTPServer(str(socket), handler)
+            directory = SocketDirectory.existing(socket.parent, dir_owners)
+            self._socket = directory, socket.name
+            directory.claim(socket.name)
+            with directory.creating(socket.name, 0o660, owner) as path:
+                self._server = _UnixHTTPServer(path, handler)
         else:
             assert port is not None
             self._server = _TCPHTTPServer(("127.0.0.1", port), handler)  # loopback only
@@ -130,4 +135,6 @@ class EndpointServer:
         self._server.shutdown()
         self._server.server_close()
         if self._socket is not None:
-            remove_socket(self._socket)
+            directory, name = self._socket
+            directory.remove(name)
+            os.close(directory.fd)

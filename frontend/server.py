@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+import pwd
 import signal
 import time
 from collections.abc import Callable
@@ -23,8 +24,8 @@ from keysealer.frontend.service import Forwarder, KmsService, KmsV1Service
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.open_files import raise_open_file_limit
 from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
+from keysealer.shared.safe_paths import SocketDirectory, owner_of_created, service_account
 from keysealer.shared.sandbox import SandboxError, become_configured_user, lock_down, require_user_if_root
-from keysealer.shared.socket_path import claim_socket_path, group_id, remove_socket, umask
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,8 +89,12 @@ async def serve(config: FrontendConfig) -> int:
         raise FatalError(str(exc), EXIT_USAGE) from None
     raise_open_file_limit()  # before any listener: 1,024 idle connections must not starve us
     path = config.listen.socket
-    claim_socket_path(path)
-    gid = None if config.listen.group is None else group_id(config.listen.group, "listen.group")
+    account = service_account(config.user)
+    # The socket's directory may belong to our service user, who can swap what is in it at any time: held
+    # open and worked in relative to its descriptor, the socket made with its owner, group and mode by bind.
+    listen_dir = SocketDirectory.existing(path.parent, _owners(account))
+    listen_dir.claim(path.name)
+    owner = owner_of_created(account, config.listen.group, "listen.group")
     metrics = Metrics()
     client = BrokerClient(config.broker.socket, load_keypair(config.broker.client_key),
                           load_public_key(config.broker.server_key), metrics)
@@ -99,20 +104,17 @@ async def serve(config: FrontendConfig) -> int:
     v2_grpc.add_KeyManagementServiceServicer_to_server(KmsService(forwarder, health, gate), server)
     if config.kms_v1beta1:
         v1_grpc.add_KeyManagementServiceServicer_to_server(KmsV1Service(forwarder, gate), server)
-    with umask(0o177):  # the socket is 0600 from the moment it exists
+    with listen_dir.creating(path.name, int(config.listen.mode, 8), owner) as bind_path:
         try:
-            server.add_insecure_port(f"unix:{path}")
+            server.add_insecure_port(f"unix:{bind_path}")
         except RuntimeError:
             raise FatalError(f"listen.socket: cannot bind {path}", EXIT_USAGE) from None
-        await server.start()
+    await server.start()
     endpoints_state = EndpointState(metrics, health.current)
     endpoints: EndpointServer | None = None
     heartbeat = asyncio.create_task(_beat(endpoints_state))
     try:
-        endpoints = _endpoint_server(config, endpoints_state)
-        if gid is not None:
-            os.chown(path, -1, gid)
-        os.chmod(path, int(config.listen.mode, 8))
+        endpoints = _endpoint_server(config, endpoints_state, account)
         if _sandbox(become_configured_user, config.user):
             log.warning("running as root, as configured (user: root)")
         await client.start()  # connects as the service user: the broker admits that uid only
@@ -134,15 +136,23 @@ async def serve(config: FrontendConfig) -> int:
             endpoints.stop()
         await health.stop()
         await client.close()
-        remove_socket(path)
+        listen_dir.remove(path.name)
+        os.close(listen_dir.fd)
     return EXIT_OK
 
 
-def _endpoint_server(config: FrontendConfig, state: EndpointState) -> EndpointServer | None:
+def _owners(account: pwd.struct_passwd | None) -> frozenset[int]:
+    """Who besides root and us may own a socket's directory: the user we become."""
+    return frozenset() if account is None else frozenset({account.pw_uid})
+
+
+def _endpoint_server(config: FrontendConfig, state: EndpointState,
+                     account: pwd.struct_passwd | None) -> EndpointServer | None:
     if config.metrics.socket is None and config.metrics.port is None:
         return None
     try:
-        endpoints = EndpointServer(state, config.metrics.socket, config.metrics.port)
+        endpoints = EndpointServer(state, config.metrics.socket, config.metrics.port, _owners(account),
+                                   owner_of_created(account, config.metrics.group, "metrics.group"))
     except OSError as exc:
         raise FatalError(f"metrics: cannot listen: {exc.strerror}", EXIT_USAGE) from None
     endpoints.start()

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keysealer.shared.config_loader import bounded, load_config
+from keysealer.shared.safe_paths import check_file_root_reads, socket_path_problem
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class IpcConfig:
     # Group given to the socket directory so the frontend's user can reach the socket.
     group: str | None = None
 
+    @property
+    def worker_socket(self) -> Path:
+        """The workers' socket, in a directory only the broker's user can enter."""
+        return self.socket.parent / "workers" / "backend.sock"
+
 
 @dataclass(frozen=True)
 class WorkersConfig:
@@ -70,6 +76,7 @@ class BrokerConfig:
 
 
 def load_broker_config(path: Path) -> BrokerConfig:
+    check_file_root_reads(path, "config")  # it names the module root may load and the user to become
     config = load_config(path, BrokerConfig)
     _validate(config, path)
     return config
@@ -83,10 +90,14 @@ def _validate(config: BrokerConfig, path: Path) -> None:
         raise ConfigError(f"{path}: token: set exactly one of token_label and slot")
     if not token.module.is_file():
         raise ConfigError(f"{path}: token.module: no such file: {token.module}")
+    check_file_root_reads(token.module, "token.module")  # `keys` and `user: root` load it as root
     if not config.keys.current_label:
         raise ConfigError(f"{path}: keys.current_label: must not be empty")
     if not config.keys.current_label.isprintable():
         raise ConfigError(f"{path}: keys.current_label: must hold printable characters only")
+    problem = socket_path_problem(config.ipc.socket) or socket_path_problem(config.ipc.worker_socket)
+    if problem:
+        raise ConfigError(f"{path}: ipc.socket: {problem}")
     if not config.ipc.client_keys:
         raise ConfigError(f"{path}: ipc.client_keys: list at least one frontend public key")
     for group in config.groups:

@@ -16,7 +16,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -33,14 +32,13 @@ from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.ipc_schema import WorkerState
 from keysealer.shared.open_files import raise_open_file_limit
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
+from keysealer.shared.safe_paths import SocketDirectory, owner_of_created, prepare_directory, service_account
 from keysealer.shared.sandbox import (
-    STAY_ROOT,
     SandboxError,
     become_configured_user,
     lock_down,
     require_user_if_root,
 )
-from keysealer.shared.socket_path import claim_socket_path, group_id, remove_socket, umask
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +118,8 @@ class Supervisor:
         self._back = self._context.socket(zmq.ROUTER)
         self._zap = self._context.socket(zmq.REP)
         self._policy = PeerPolicy(frozenset(), frozenset())  # set in run(), once we run as our own user
-        self._bound_paths: list[Path] = []
+        self._dirs: list[SocketDirectory] = []  # held open: sockets are claimed and removed relative to them
+        self._bound: list[tuple[SocketDirectory, str]] = []
         self._current_key_id = ""
         self._pending_control: list[bytes] = []
         self._health_limit = RateLimit(HEALTH_PER_SECOND)
@@ -136,9 +135,7 @@ class Supervisor:
             worker_protocol.RETURN_JOB: WorkerMessageKind(worker_protocol.decode_return_job, self._on_return_job,
                                                           True),
         }
-        socket_path = self.config.ipc.socket
-        self._worker_dir = socket_path.parent / "workers"
-        self._backend = f"ipc://{self._worker_dir / 'backend.sock'}"
+        self._backend = f"ipc://{self.config.ipc.worker_socket}"
 
     def run(self) -> int:
         try:
@@ -161,14 +158,20 @@ class Supervisor:
     # -- setup and teardown --------------------------------------------------------------------------
 
     def _bind(self) -> None:
-        socket_path = self.config.ipc.socket
+        socket_path, worker_socket = self.config.ipc.socket, self.config.ipc.worker_socket
         # Started by root to become `user`: what we create must belong to that user, or the workers
-        # (running as it) could not reach their socket.
-        owner = _service_account(self.config.user)
-        _prepare_directory(socket_path.parent, 0o750, owner, self.config.ipc.group)
-        _prepare_directory(self._worker_dir, 0o700, owner, None)
-        claim_socket_path(socket_path)
-        claim_socket_path(self._worker_dir / "backend.sock")
+        # (running as it) could not reach their socket. Each directory is created and checked on its
+        # descriptor (safe_paths): this user may have replaced anything inside them since the last start.
+        account = service_account(self.config.user)
+        owner = owner_of_created(account, self.config.ipc.group, "ipc.group")
+        worker_owner = owner_of_created(account, None, "")
+        socket_dir = prepare_directory(socket_path.parent, 0o750, owner)
+        worker_dir = prepare_directory(worker_socket.parent, 0o700, worker_owner, socket_dir)
+        self._dirs = [SocketDirectory(socket_path.parent, socket_dir), SocketDirectory(worker_socket.parent,
+                                                                                       worker_dir)]
+        front_dir, back_dir = self._dirs
+        front_dir.claim(socket_path.name)
+        back_dir.claim(worker_socket.name)
         # Only our own workers (socket 0600 in a 0700 directory) speak on the back socket: no bound needed.
         self._back.setsockopt(zmq.RCVHWM, 100_000)
         self._back.setsockopt(zmq.SNDHWM, 100_000)
@@ -186,14 +189,12 @@ class Supervisor:
         self._front.curve_publickey = server.public
         self._front.curve_secretkey = server.secret
         self._front.zap_domain = ZAP_DOMAIN
-        with umask(0o117):  # socket 0660 from the moment it exists
-            self._front.bind(f"ipc://{socket_path}")
-        self._bound_paths.append(socket_path)
-        _set_owner(socket_path, owner, self.config.ipc.group)
-        with umask(0o177):
-            self._back.bind(self._backend)
-        self._bound_paths.append(self._worker_dir / "backend.sock")
-        _set_owner(self._worker_dir / "backend.sock", owner, None)
+        with front_dir.creating(socket_path.name, 0o660, owner) as path:
+            self._front.bind(f"ipc://{path}")
+        self._bound.append((front_dir, socket_path.name))
+        with back_dir.creating(worker_socket.name, 0o600, worker_owner) as path:
+            self._back.bind(f"ipc://{path}")
+        self._bound.append((back_dir, worker_socket.name))
 
     def _confine(self) -> None:
         """Sockets are bound: become the service user, then lock down before the first worker exists, so
@@ -241,8 +242,10 @@ class Supervisor:
                 _signal(slot.pid, signal.SIGKILL)
                 os.waitpid(slot.pid, 0)
         self._context.destroy(linger=0)
-        for path in self._bound_paths:  # only ours: never a socket another live broker serves
-            remove_socket(path)
+        for directory, name in self._bound:  # only ours: never a socket another live broker serves
+            directory.remove(name)
+        for directory in self._dirs:
+            os.close(directory.fd)
 
     # -- workers -------------------------------------------------------------------------------------
 
@@ -499,29 +502,6 @@ def _peer_policy(config: BrokerConfig) -> PeerPolicy:
         raise FatalError(f"ipc.frontend_user: no user named {user!r}", EXIT_USAGE) from None
     keys = frozenset(load_public_key(path) for path in config.ipc.client_keys)
     return PeerPolicy(client_keys=keys, allowed_uids=frozenset({uid}))
-
-
-def _service_account(user: str | None) -> pwd.struct_passwd | None:
-    """The account a root-started broker becomes, or None when it stays who it is."""
-    if os.geteuid() != 0 or user in (None, STAY_ROOT):
-        return None
-    try:
-        return pwd.getpwnam(user)
-    except KeyError:
-        raise FatalError(f"user: no user named {user!r}", EXIT_USAGE) from None
-
-
-def _set_owner(path: Path, owner: pwd.struct_passwd | None, group: str | None) -> None:
-    uid = owner.pw_uid if owner else -1
-    gid = group_id(group, "ipc.group") if group is not None else (owner.pw_gid if owner else -1)
-    if (uid, gid) != (-1, -1):
-        os.chown(path, uid, gid)
-
-
-def _prepare_directory(path: Path, mode: int, owner: pwd.struct_passwd | None, group: str | None) -> None:
-    path.mkdir(mode=mode, parents=True, exist_ok=True)
-    _set_owner(path, owner, group)
-    os.chmod(path, mode)
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -16,6 +16,7 @@ import yaml
 
 from keysealer.shared.ipc_keys import PUBLIC_SUFFIX, SECRET_SUFFIX, generate
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, EXIT_USAGE, FatalError, UsageError
+from keysealer.shared.safe_paths import check_tree, open_own_directory
 from keysealer.shared.sandbox import STAY_ROOT
 
 SOFTHSM_MODULES = (
@@ -90,8 +91,15 @@ def find_softhsm() -> Path:
 
 
 def prepare(layout: DevLayout) -> None:
-    """Create whatever is missing; keep what exists, so a second run reuses the token and key."""
-    layout.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create whatever is missing; keep what exists, so a second run reuses the token and key.
+
+    What exists must be ours alone: run by root, the broker loads the module broker.yaml names.
+    """
+    state = open_own_directory(layout.root)
+    try:
+        check_tree(state, layout.root)
+    finally:
+        os.close(state)
     layout.tokens.mkdir(mode=0o700, exist_ok=True)
     _write_once(layout.softhsm_conf, f"directories.tokendir = {layout.tokens}\nobjectstore.backend = file\n"
                 "log.level = ERROR\nslots.removable = false\n")
@@ -129,7 +137,7 @@ def prepare(layout: DevLayout) -> None:
 def _write_once(path: Path, content: str) -> None:
     if path.exists():
         return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(content)
 
@@ -164,7 +172,8 @@ class Child:
 
 
 def run_dev(state_dir: Path) -> int:
-    layout = DevLayout(state_dir.resolve())
+    # Made absolute without resolving symlinks: prepare() follows only those root or we own.
+    layout = DevLayout(Path(os.path.abspath(state_dir)))
     prepare(layout)
     children = [
         Child("broker", [sys.executable, "-m", "keysealer.hsm_broker.main", "--config",

@@ -4,6 +4,7 @@
 moment it exists.
 """
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import zmq
 
 from keysealer.shared.bounded_files import read_bounded
 from keysealer.shared.process import EXIT_USAGE, FatalError
+from keysealer.shared.safe_paths import check_file_root_reads, create_file, open_directory
 from keysealer.shared.secret_files import MAX_SECRET_FILE_BYTES, read_secret_file
 from keysealer.shared.socket_path import umask
 
@@ -27,26 +29,39 @@ class KeyPair:
 
 
 def generate(directory: Path, name: str) -> tuple[Path, Path]:
-    """Write NAME.key and NAME.key_secret; refuse to overwrite either."""
-    if not directory.is_dir():
-        raise FatalError(f"{directory}: no such directory", EXIT_USAGE)
-    if not name or "/" in name or not name.isprintable():
+    """Write NAME.key and NAME.key_secret; refuse to overwrite either.
+
+    The directory must be one nobody but root or us can write (safe_paths): elsewhere another user could
+    replace the secret key with one they know, and then pass for the broker or the frontend.
+    """
+    if not name or "/" in name or name in (".", "..") or not name.isprintable():
         raise FatalError(f"key name {name!r}: must be a plain file name", EXIT_USAGE)
-    public_path, secret_path = directory / f"{name}{PUBLIC_SUFFIX}", directory / f"{name}{SECRET_SUFFIX}"
-    for path in (public_path, secret_path):
-        if path.exists():
-            raise FatalError(f"{path} exists already; not overwriting a key", EXIT_USAGE)
-    public, secret = zmq.curve_keypair()
-    header = "#   ZeroMQ CURVE certificate written by keysealer ipc-keygen\nmetadata\ncurve\n"
-    with umask(0o177):
-        _write_new(secret_path, f'{header}    public-key = "{public.decode()}"\n    secret-key = "{secret.decode()}"\n')
-    with umask(0o133):
-        _write_new(public_path, f'{header}    public-key = "{public.decode()}"\n')
-    return public_path, secret_path
+    dir_fd = open_directory(Path(os.path.abspath(directory)))
+    try:
+        public_name, secret_name = f"{name}{PUBLIC_SUFFIX}", f"{name}{SECRET_SUFFIX}"
+        for file_name in (public_name, secret_name):
+            if _exists(dir_fd, file_name):
+                raise FatalError(f"{directory / file_name} exists already; not overwriting a key", EXIT_USAGE)
+        public, secret = zmq.curve_keypair()
+        header = "#   ZeroMQ CURVE certificate written by keysealer ipc-keygen\nmetadata\ncurve\n"
+        _write_new(dir_fd, secret_name, 0o600,
+                   f'{header}    public-key = "{public.decode()}"\n    secret-key = "{secret.decode()}"\n')
+        _write_new(dir_fd, public_name, 0o644, f'{header}    public-key = "{public.decode()}"\n')
+    finally:
+        os.close(dir_fd)
+    return directory / public_name, directory / secret_name
 
 
-def _write_new(path: Path, text: str) -> None:
-    with path.open("x", encoding="ascii") as handle:
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _write_new(dir_fd: int, name: str, mode: int, text: str) -> None:
+    with umask(0o777 & ~mode), os.fdopen(create_file(dir_fd, name, mode), "w", encoding="ascii") as handle:
         handle.write(text)
 
 
@@ -58,6 +73,8 @@ def _fields(data: bytes, path: Path) -> dict[bytes, bytes]:
 
 
 def load_keypair(path: Path) -> KeyPair:
+    # The key may be its service user's own file; the directories above it must be root's.
+    check_file_root_reads(path, "CURVE secret key", any_owner=True)
     data = read_secret_file(path, "CURVE secret key")
     fields = _fields(bytes(data), path)
     data[:] = bytes(len(data))
@@ -67,5 +84,7 @@ def load_keypair(path: Path) -> KeyPair:
 
 
 def load_public_key(path: Path) -> bytes:
+    # Whoever could replace it could pass for the broker (or, in client_keys, for a frontend).
+    check_file_root_reads(path, "CURVE public key")
     data = read_bounded(path, "CURVE public key", MAX_SECRET_FILE_BYTES)
     return _fields(bytes(data), path)[b"public"]
