@@ -1,0 +1,243 @@
+"""Every deployment shape runs for real: images built by deploy/container/build.sh, the static pod started by
+`podman kube play` from deploy/kubernetes/keysealer.yaml itself.
+
+The pod: the test installs the node's files as docs/install.md says (keysealer-tmpfiles.conf under a scratch
+root, configs, CURVE keys, PIN, a token made as the broker's uid with the image's own `keysealer keys`), then
+changes in the manifest only the hostPath paths (to the scratch root) and the image name (the test's),
+and spells one field the way podman reads it (below).
+Fields podman 4.3 does not honour, and how their property is checked instead:
+  - securityContext.seccompProfile: podman 4.3 ignores the field (both containers would get its default
+    profile). The test writes the broker's Localhost profile also as the annotation podman reads
+    (container.seccomp.security.alpha.kubernetes.io/broker: localhost/keysealer-broker.json; podman keeps
+    only the first path element after localhost/, so --seccomp-profile-root is the kubelet's
+    /var/lib/kubelet/seccomp/profiles) and compares the OCI spec runc got with the profile file.
+    RuntimeDefault is podman's default profile.
+  - emptyDir medium: Memory, sizeLimit: podman makes a volume on disk (not checked; a kubelet makes tmpfs).
+  - readinessProbe: ignored by podman; livenessProbe becomes a healthcheck. The test runs both commands
+    with `podman exec`, as the kubelet's exec probes run (in the container, as its user).
+  - priorityClassName/priority, resources.requests, terminationGracePeriodSeconds: scheduling and
+    eviction only; not checked.
+
+Marked `containers`: needs root and podman (deploy/packages/containers.txt); tests/run.sh runs it in CI.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from deployment_shapes import (
+    DEPLOY,
+    assert_confined,
+    children,
+    images,
+    inspect,
+    podman,
+    proc_status,
+    root_mount_options,
+    run,
+)
+from harness import KmsClient, Load, created_key_id
+
+from keysealer.frontend.kmsv2 import api_pb2
+
+pytestmark = pytest.mark.containers
+__all__ = ["images"]  # the session fixture, imported so pytest finds it
+
+KUBERNETES = DEPLOY / "kubernetes"
+POD_NAME = "keysealer"  # metadata.name of the manifest: the test changes nothing but paths and image
+BROKER, FRONTEND = f"{POD_NAME}-broker", f"{POD_NAME}-frontend"
+BROKER_UID, FRONTEND_UID, GROUP = 10002, 10001, 10000
+DEADLINE = 2.5 + 1.0  # frontend.yaml's limits.call_timeout_seconds + slack
+KEYSEALER = str(Path(sys.executable).with_name("keysealer"))
+
+
+class Node:
+    """A control-plane node's files under a scratch root, prepared as docs/install.md's static pod section."""
+
+    def __init__(self, root: Path, image: str) -> None:
+        self.root = root
+        self.image = image
+        run(["systemd-tmpfiles", "--create", f"--root={root}", str(KUBERNETES / "keysealer-tmpfiles.conf")])
+        broker_dir, frontend_dir = self.path("/etc/keysealer/broker"), self.path("/etc/keysealer/frontend")
+        for source, target in (("broker.yaml", broker_dir), ("softhsm2.conf", broker_dir),
+                               ("frontend.yaml", frontend_dir)):
+            shutil.copy(KUBERNETES / source, target / source)
+        for directory, name in ((frontend_dir, "frontend"), (broker_dir, "broker")):
+            run([KEYSEALER, "ipc-keygen", "--dir", str(directory), "--name", name])
+        shutil.copy(frontend_dir / "frontend.key", broker_dir)
+        shutil.copy(broker_dir / "broker.key", frontend_dir)
+        os.chown(frontend_dir / "frontend.key_secret", FRONTEND_UID, GROUP)
+        os.chown(broker_dir / "broker.key_secret", BROKER_UID, GROUP)
+        for name in ("pin", "so-pin"):
+            path = self.path(f"/etc/keysealer/{name}")
+            path.write_text(secrets.token_hex(16))
+            os.chown(path, BROKER_UID, GROUP)
+            path.chmod(0o400)
+        self.keys("init-token", "--so-pin-file", "/etc/keysealer/so-pin")
+        self.key_id = created_key_id(self.keys("create"))
+
+    def path(self, node_path: str) -> Path:
+        return self.root / node_path.lstrip("/")
+
+    def keys(self, *args: str) -> str:
+        """`keysealer keys ARGS` as the broker's uid, with the image's keysealer and SoftHSM (install.md uses
+        the node's venv and setpriv: the same program, the same uid, the same paths)."""
+        mounts = [f"{self.path(p)}:{p}" for p in ("/etc/keysealer/broker", "/etc/keysealer/pin",
+                                                   "/etc/keysealer/so-pin", "/var/lib/keysealer/tokens")]
+        cp = podman("run", "--rm", "--network", "none", "--user", f"{BROKER_UID}:{GROUP}",
+                    *[arg for mount in mounts for arg in ("-v", mount)], self.image,
+                    "keysealer", "keys", args[0], "--config", "/etc/keysealer/broker/broker.yaml", *args[1:])
+        return cp.stdout
+
+    def manifest(self) -> Path:
+        """deploy/kubernetes/keysealer.yaml with only its hostPath paths and images changed."""
+        pod: dict[str, Any] = yaml.safe_load((KUBERNETES / "keysealer.yaml").read_text())
+        for volume in pod["spec"]["volumes"]:
+            if "hostPath" in volume:
+                volume["hostPath"]["path"] = str(self.path(volume["hostPath"]["path"]))
+        for container in pod["spec"]["containers"]:
+            container["image"] = self.image
+            # podman 4.3 reads no securityContext.seccompProfile field, only the annotation the field replaced:
+            # the same profile, spelled the way podman reads it.
+            profile = container["securityContext"].get("seccompProfile", {})
+            if profile.get("type") == "Localhost":
+                pod["metadata"].setdefault("annotations", {})[
+                    f"container.seccomp.security.alpha.kubernetes.io/{container['name']}"] = \
+                    f"localhost/{PurePosixPath(profile['localhostProfile']).name}"
+        path = self.root / "keysealer.yaml"
+        path.write_text(yaml.safe_dump(pod))
+        return path
+
+    def seccomp_root(self) -> Path:
+        """The kubelet's seccomp directory's profiles/, holding keysealer-broker.json as install.md installs it."""
+        profiles = self.root / "seccomp" / "profiles"
+        profiles.mkdir(parents=True)
+        shutil.copy(KUBERNETES / "seccomp" / "keysealer-broker.json", profiles)
+        return profiles
+
+
+class Pod(KmsClient):
+    def __init__(self, node: Node) -> None:
+        super().__init__(node.path("/run/keysealer/kms.sock"))
+        self.node = node
+
+    def pid(self, container: str) -> int:
+        return int(inspect(container, "{{.State.Pid}}"))
+
+    def describe(self) -> str:
+        return "\n".join(podman("logs", name, check=False).stderr for name in (BROKER, FRONTEND))
+
+
+@pytest.fixture(scope="module")
+def pod(images: dict[str, str]) -> Iterator[Pod]:
+    existing = podman("pod", "exists", POD_NAME, check=False)
+    assert existing.returncode != 0, f"a pod named {POD_NAME} already runs here: remove it first"
+    root = Path(tempfile.mkdtemp(prefix="ks-pod-", dir="/tmp"))
+    node = Node(root, images["softhsm"])
+    manifest = node.manifest()
+    try:
+        podman("kube", "play", "--seccomp-profile-root", str(node.seccomp_root()), str(manifest))
+        running = Pod(node)
+        running.wait_healthy(timeout=60)
+        yield running
+        running.close()
+    finally:
+        podman("kube", "down", str(manifest), check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_pod_containers_run_with_the_manifests_identity_and_confinement(pod: Pod) -> None:
+    for container, uid, filters in ((BROKER, BROKER_UID, 2), (FRONTEND, FRONTEND_UID, 2)):
+        pid = pod.pid(container)
+        # The pod's profile (or RuntimeDefault) and then KeySealer's own filter.
+        assert_confined(pid, uid, filters)
+        assert "ro" in root_mount_options(pid), f"{container}: root file system not read-only"
+        assert int(proc_status(pid)["CapBnd"], 16) == 0, f"{container}: bounding set not empty"
+    for worker in children(pod.pid(BROKER)):
+        assert_confined(worker, BROKER_UID, 2)
+    touch = podman("exec", BROKER, "touch", "/opt/keysealer/x", check=False)
+    assert touch.returncode != 0 and "Read-only file system" in touch.stderr, touch.stderr
+
+
+def test_broker_runs_under_the_manifests_seccomp_profile(pod: Pod) -> None:
+    """The OCI spec runc was given holds the profile of deploy/kubernetes/seccomp, not podman's default."""
+    spec_path = Path(inspect(BROKER, "{{.StaticDir}}")) / "config.json"
+    seccomp = json.loads(spec_path.read_text())["linux"]["seccomp"]
+    profile = json.loads((KUBERNETES / "seccomp" / "keysealer-broker.json").read_text())
+    assert seccomp["defaultAction"] == profile["defaultAction"]
+    allowed = {name for rule in seccomp["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" for name in rule["names"]}
+    wanted = {name for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" for name in rule["names"]}
+    assert allowed == wanted
+    frontend = json.loads((Path(inspect(FRONTEND, "{{.StaticDir}}")) / "config.json").read_text())
+    assert frontend["linux"]["seccomp"]["defaultAction"] == "SCMP_ACT_ERRNO"  # RuntimeDefault
+
+
+def test_kms_calls_through_the_pods_host_socket(pod: Pod) -> None:
+    status = pod.status()
+    assert status.healthz == "ok" and status.version == "v2"
+    seed = os.urandom(32)
+    encrypted = pod.encrypt(seed)
+    assert pod.decrypt(encrypted) == seed
+    tampered = api_pb2.EncryptResponse(ciphertext=bytes([encrypted.ciphertext[0] ^ 1]) + encrypted.ciphertext[1:],
+                                       key_id=encrypted.key_id, annotations=encrypted.annotations)
+    with pytest.raises(grpc.RpcError) as refused:
+        pod.decrypt(tampered)
+    assert refused.value.code() != grpc.StatusCode.OK
+
+
+def manifest_probe(kind: str) -> list[str]:
+    pod = yaml.safe_load((KUBERNETES / "keysealer.yaml").read_text())
+    frontend = next(c for c in pod["spec"]["containers"] if c["name"] == "frontend")
+    command: list[str] = frontend[kind]["exec"]["command"]
+    return command
+
+
+@pytest.mark.parametrize("kind", ["readinessProbe", "livenessProbe"])
+def test_manifest_probes_pass_when_run_as_the_kubelet_runs_them(pod: Pod, kind: str) -> None:
+    cp = podman("exec", FRONTEND, *manifest_probe(kind), check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_rotation_in_the_broker_container_is_picked_up(pod: Pod) -> None:
+    before = pod.encrypt(b"sealed before the rotation")
+    cp = podman("exec", BROKER, "keysealer", "keys", "rotate", "--config", "/etc/keysealer/broker/broker.yaml")
+    new_key = created_key_id(cp.stdout)
+    pod.wait_for_status_key(new_key)
+    assert pod.encrypt(b"sealed after").key_id == new_key
+    assert pod.decrypt(before) == b"sealed before the rotation"
+
+
+def test_killed_broker_is_restarted_by_the_pod_and_calls_recover(pod: Pod) -> None:
+    pid = pod.pid(BROKER)
+    restarts = int(inspect(BROKER, "{{.RestartCount}}"))
+    load = Load(pod, callers=4, timeout=DEADLINE)
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while int(inspect(BROKER, "{{.RestartCount}}")) == restarts or inspect(BROKER, "{{.State.Running}}") != "true":
+        assert time.monotonic() < deadline, "the pod did not restart the killed broker"
+        time.sleep(0.2)
+    pod.wait_healthy(timeout=60)
+    recovered = len(load.ledger)
+    deadline = time.monotonic() + 30
+    while len(load.ledger) < recovered + 20:
+        assert time.monotonic() < deadline, "calls did not recover after the broker's restart"
+        time.sleep(0.1)
+    load.check(DEADLINE)
+    assert pod.pid(BROKER) != pid
+    assert_confined(pod.pid(BROKER), BROKER_UID, 2)
+
+
+def test_the_pod_serves_the_token_the_node_prepared(pod: Pod) -> None:
+    assert pod.node.key_id in pod.node.keys("list")
