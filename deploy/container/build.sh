@@ -60,9 +60,10 @@ fi
 runtime="${prefix}keysealer:${version}"
 softhsm="${prefix}keysealer-softhsm:${version}"
 # --network host: the only network the build uses is the package registries (Debian mirror, PyPI).
-podman build --quiet --network host --build-arg "PYTHON_IMAGE=$base" \
+# --layers=false: no cached intermediate images are left behind (a full build takes about half a minute).
+podman build --quiet --layers=false --network host --build-arg "PYTHON_IMAGE=$base" \
   -f deploy/container/Containerfile -t "$runtime" . >/dev/null
-podman build --quiet --network host --build-arg "KEYSEALER_IMAGE=$runtime" \
+podman build --quiet --layers=false --network host --build-arg "KEYSEALER_IMAGE=$runtime" \
   -f deploy/container/Containerfile.softhsm -t "$softhsm" . >/dev/null
 echo "$runtime"
 echo "$softhsm"
