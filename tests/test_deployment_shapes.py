@@ -23,9 +23,11 @@ Marked `containers`: needs root and podman (deploy/packages/containers.txt); tes
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +40,7 @@ import pytest
 import yaml
 from deployment_shapes import (
     DEPLOY,
+    TEST_PREFIX,
     assert_confined,
     children,
     images,
@@ -48,6 +51,7 @@ from deployment_shapes import (
     run,
 )
 from harness import KmsClient, Load, created_key_id
+from test_confinement_assets import exposure
 
 from keysealer.frontend.kmsv2 import api_pb2
 
@@ -241,3 +245,157 @@ def test_killed_broker_is_restarted_by_the_pod_and_calls_recover(pod: Pod) -> No
 
 def test_the_pod_serves_the_token_the_node_prepared(pod: Pod) -> None:
     assert pod.node.key_id in pod.node.keys("list")
+
+
+# ---- the systemd pair, booted ---------------------------------------------------------------------------
+#
+# A Debian bookworm container with systemd 252 as PID 1 (tests/systemd_node/Containerfile on the base
+# build.sh made), KeySealer installed as docs/install.md's systemd section says (tests/systemd_node/
+# install.sh: sysusers, tmpfiles, configuration.md's example configs, PIN, CURVE keys, token, the units
+# from deploy/systemd unchanged). What the container changes, and why:
+#   - --privileged: PID 1 of a node has every capability; without CAP_SYS_ADMIN systemd cannot set up the
+#     units' namespaces (PrivateNetwork=, PrivateIPC= are ignored, PrivateUsers= fails the frontend with
+#     216/GROUP, LoadCredential= falls back to a plain /run file).
+#   - `mount --make-rshared /` before the units start: systemd makes / shared at boot only when the kernel
+#     started it, not in a container; without it the credential systemd mounts for LoadCredential= never
+#     reaches the service (an empty /run/credentials/keysealer-broker.service, the workers cannot read
+#     the PIN).
+SYSTEMD_NODE = "ks-shapes-systemd-node"  # the container; its image is TEST_PREFIX + this
+NODE_FILES = Path(__file__).with_name("systemd_node")
+UNITS = ("keysealer-broker.service", "keysealer-frontend.service")
+
+
+def example_config(heading: str) -> str:
+    """The YAML example of docs/configuration.md that starts with `heading` (the configs install.md uses)."""
+    doc = (DEPLOY.parent / "docs" / "configuration.md").read_text()
+    return next(block for block in re.findall(r"```yaml\n(.*?)```", doc, re.S) if block.startswith(heading))
+
+
+class SystemdNode(KmsClient):
+    def __init__(self, container: str) -> None:
+        self.container = container
+        super().__init__(Path(f"/proc/{inspect(container, '{{.State.Pid}}')}/root/run/keysealer/kms.sock"))
+
+    def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return podman("exec", self.container, "sh", "-c", command, check=check)
+
+    def main_pid(self, unit: str) -> int:
+        return int(self.sh(f"systemctl show -p MainPID --value {unit}").stdout)
+
+    def status_of(self, pid: int) -> dict[str, str]:
+        text = self.sh(f"cat /proc/{pid}/status").stdout
+        return {key: value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+
+    def describe(self) -> str:
+        return self.sh("journalctl --no-pager -n 60 -u keysealer-broker -u keysealer-frontend", check=False).stdout
+
+
+@pytest.fixture(scope="module")
+def systemd_node(images: dict[str, str]) -> Iterator[SystemdNode]:
+    image = f"{TEST_PREFIX}{SYSTEMD_NODE}:latest"
+    podman("build", "--quiet", "--layers=false", "--network", "host", "--build-arg", f"BASE={images['base']}",
+           "-f", str(NODE_FILES / "Containerfile"), "-t", image, str(DEPLOY.parent), timeout=900)
+    podman("run", "--detach", "--name", SYSTEMD_NODE, "--systemd=always", "--privileged", "--network", "none", image)
+    try:
+        deadline = time.monotonic() + 60
+        state = ""
+        while state not in ("running", "degraded"):  # "" until PID 1 answers on its bus
+            assert time.monotonic() < deadline, f"systemd did not finish booting: {state!r}"
+            time.sleep(0.5)
+            state = podman("exec", SYSTEMD_NODE, "systemctl", "is-system-running", "--wait", check=False).stdout.strip()
+        node = SystemdNode(SYSTEMD_NODE)
+        node.sh("mount --make-rshared /")
+        print("\nsystemd node: --privileged and / made rshared (see the comment above SYSTEMD_NODE)")
+        node.sh("mkdir -p /etc/keysealer")
+        with tempfile.TemporaryDirectory() as scratch:
+            for name, heading in (("broker.yaml", "token:"), ("frontend.yaml", "kms_v1beta1:")):
+                (Path(scratch) / name).write_text(example_config(heading))
+                podman("cp", str(Path(scratch) / name), f"{SYSTEMD_NODE}:/etc/keysealer/{name}")
+        podman("cp", str(NODE_FILES / "install.sh"), f"{SYSTEMD_NODE}:/src/install.sh")
+        node.sh("/src/install.sh")
+        node.wait_healthy(timeout=60)
+        ignored = node.sh("journalctl --no-pager -b -u keysealer-broker -u keysealer-frontend "
+                          "| grep -iE 'is configured, but|ignoring' || true").stdout
+        print("hardening not in force in this container:", ignored or "none reported by systemd")
+        yield node
+        node.close()
+    finally:
+        podman("rm", "--force", SYSTEMD_NODE, check=False)
+
+
+def test_systemd_units_run_as_their_users_confined(systemd_node: SystemdNode) -> None:
+    uids = {}
+    for unit, user in zip(UNITS, ("keysealer-hsm", "keysealer-kms"), strict=True):
+        uid = systemd_node.sh(f"id -u {user}").stdout.strip()
+        pid = systemd_node.main_pid(unit)
+        pids = [pid, *map(int, systemd_node.sh(f"cat /proc/{pid}/task/*/children").stdout.split())]
+        for process in pids:
+            status = systemd_node.status_of(process)
+            assert status["Uid"].split() == [uid] * 4, (unit, status["Uid"])
+            assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1", (unit, status)
+            assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0, (unit, status)
+        uids[unit] = uid
+    assert len(set(uids.values())) == 2, uids
+
+
+def test_systemd_filesystem_protections_are_in_force(systemd_node: SystemdNode) -> None:
+    broker, frontend = (systemd_node.main_pid(unit) for unit in UNITS)
+    # In the broker's mount namespace even root writes only to its state and runtime directories.
+    for path in ("/etc/keysealer/probe", "/opt/keysealer/probe", "/var/lib/keysealer/probe", "/usr/probe"):
+        cp = systemd_node.sh(f"nsenter -t {broker} -m touch {path}", check=False)
+        assert cp.returncode != 0 and "Read-only file system" in cp.stderr, (path, cp.stderr)
+    for directory in ("/var/lib/keysealer/tokens", "/run/keysealer-broker"):
+        systemd_node.sh(f"nsenter -t {broker} -m sh -c 'touch {directory}/.probe && rm {directory}/.probe'")
+    # The frontend sees neither the PIN nor the token directory: inaccessible nodes where they are.
+    assert systemd_node.sh("stat -c '%a %s' /etc/keysealer/pin").stdout.split() == ["400", "33"]
+    assert systemd_node.sh(f"nsenter -t {frontend} -m stat -c '%a %s' /etc/keysealer/pin").stdout.split() == ["0", "0"]
+    assert systemd_node.sh("ls -A /var/lib/keysealer").stdout.split() == ["tokens"]
+    assert systemd_node.sh(f"nsenter -t {frontend} -m ls -A /var/lib/keysealer", check=False).stdout.split() == []
+    # And the broker never sees the PIN file itself, only its credential.
+    assert systemd_node.sh(f"nsenter -t {broker} -m stat -c '%a %s' /etc/keysealer/pin").stdout.split() == ["0", "0"]
+
+
+def test_systemd_kms_socket_and_calls(systemd_node: SystemdNode) -> None:
+    owner = systemd_node.sh("stat -c '%U %G %a %F' /run/keysealer/kms.sock").stdout.split()
+    assert owner == ["keysealer-kms", "keysealer-api", "660", "socket"], owner
+    assert systemd_node.status().healthz == "ok"
+    seed = os.urandom(32)
+    assert systemd_node.decrypt(systemd_node.encrypt(seed)) == seed
+
+
+def test_systemd_reload_makes_a_rotation_take_effect(systemd_node: SystemdNode) -> None:
+    before = systemd_node.encrypt(b"sealed before the rotation")
+    cp = systemd_node.sh("runuser -u keysealer-hsm -- /opt/keysealer/bin/keysealer keys rotate "
+                         "--config /etc/keysealer/broker.yaml")
+    new_key = created_key_id(cp.stdout)
+    systemd_node.sh("systemctl reload keysealer-broker")
+    systemd_node.wait_for_status_key(new_key)
+    assert systemd_node.encrypt(b"after").key_id == new_key
+    assert systemd_node.decrypt(before) == b"sealed before the rotation"
+
+
+def test_systemd_restarts_a_killed_broker_and_calls_recover(systemd_node: SystemdNode) -> None:
+    pid = systemd_node.main_pid(UNITS[0])
+    load = Load(systemd_node, callers=4, timeout=DEADLINE)
+    time.sleep(1.0)
+    systemd_node.sh("systemctl kill -s KILL keysealer-broker")
+    deadline = time.monotonic() + 60
+    while systemd_node.main_pid(UNITS[0]) in (0, pid):
+        assert time.monotonic() < deadline, "systemd did not restart the killed broker"
+        time.sleep(0.2)
+    systemd_node.wait_healthy(timeout=60)
+    recovered = len(load.ledger)
+    deadline = time.monotonic() + 30
+    while len(load.ledger) < recovered + 20:
+        assert time.monotonic() < deadline, "calls did not recover after the broker's restart"
+        time.sleep(0.1)
+    load.check(DEADLINE)
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_running_units_score_as_offline_or_better(systemd_node: SystemdNode, unit: str) -> None:
+    online = exposure(systemd_node.sh(f"systemd-analyze security --no-pager {unit}"), unit)
+    offline = exposure(run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+                            str(DEPLOY / "systemd" / unit)]), unit)
+    print(f"\nEXPOSURE {unit}: running {online}, offline {offline}")
+    assert online <= offline
