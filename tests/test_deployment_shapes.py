@@ -1,5 +1,7 @@
 """Every deployment shape runs for real: images built by deploy/container/build.sh, the static pod started by
-`podman kube play` from deploy/kubernetes/keysealer.yaml itself.
+`podman kube play` from deploy/kubernetes/keysealer.yaml itself, the systemd units booted under systemd 252
+as PID 1 (below, "the systemd pair"), and one-line errors for a build without podman or base, a missing
+manifest.
 
 The pod: the test installs the node's files as docs/install.md says (keysealer-tmpfiles.conf under a scratch
 root, configs, CURVE keys, PIN, a token made as the broker's uid with the image's own `keysealer keys`), then
@@ -47,6 +49,7 @@ from deployment_shapes import (
     inspect,
     podman,
     proc_status,
+    require_podman,
     root_mount_options,
     run,
 )
@@ -246,6 +249,38 @@ def test_killed_broker_is_restarted_by_the_pod_and_calls_recover(pod: Pod) -> No
 def test_the_pod_serves_the_token_the_node_prepared(pod: Pod) -> None:
     assert pod.node.key_id in pod.node.keys("list")
 
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+BUILD = DEPLOY / "container" / "build.sh"
+
+
+def one_line_error(cp: subprocess.CompletedProcess[str], code: int, words: str) -> None:
+    assert cp.returncode == code, (cp.returncode, cp.stderr)
+    assert len(cp.stderr.strip().splitlines()) == 1 and words in cp.stderr, cp.stderr
+
+
+def test_build_without_podman_says_so(tmp_path: Path) -> None:
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("dirname", "sed"):  # what build.sh runs before looking for podman
+        (tools / tool).symlink_to(shutil.which(tool) or tool)
+    cp = subprocess.run(["/bin/bash", str(BUILD)], env={"PATH": str(tools)}, capture_output=True, text=True,
+                        timeout=30, check=False)
+    one_line_error(cp, 2, "podman is not installed")
+
+
+def test_build_with_a_missing_base_says_so() -> None:
+    require_podman()
+    cp = run([str(BUILD), "--base", f"{TEST_PREFIX}no-such-base:1"], check=False)
+    one_line_error(cp, 2, f"base image '{TEST_PREFIX}no-such-base:1' is not in podman's storage")
+
+
+def test_kube_play_of_a_missing_manifest_says_so(tmp_path: Path) -> None:
+    require_podman()
+    cp = podman("kube", "play", str(tmp_path / "keysealer.yaml"), check=False)
+    one_line_error(cp, 125, "no such file or directory")
 
 # ---- the systemd pair, booted ---------------------------------------------------------------------------
 #
