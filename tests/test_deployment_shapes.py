@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -225,23 +225,31 @@ def test_rotation_in_the_broker_container_is_picked_up(pod: Pod) -> None:
     assert pod.decrypt(before) == b"sealed before the rotation"
 
 
-def test_killed_broker_is_restarted_by_the_pod_and_calls_recover(pod: Pod) -> None:
-    pid = pod.pid(BROKER)
-    restarts = int(inspect(BROKER, "{{.RestartCount}}"))
-    load = Load(pod, callers=4, timeout=DEADLINE)
+def kill_under_load(client: KmsClient, kill: Callable[[], object], restarted: Callable[[], bool]) -> None:
+    """Kills the broker while callers Encrypt and Decrypt, waits for its restart and for calls to flow again,
+    then checks the ledger: every Encrypt that returned OK decrypts, no call outlived its deadline."""
+    load = Load(client, callers=4, timeout=DEADLINE)
     time.sleep(1.0)
-    os.kill(pid, signal.SIGKILL)
+    kill()
     deadline = time.monotonic() + 60
-    while int(inspect(BROKER, "{{.RestartCount}}")) == restarts or inspect(BROKER, "{{.State.Running}}") != "true":
-        assert time.monotonic() < deadline, "the pod did not restart the killed broker"
+    while not restarted():
+        assert time.monotonic() < deadline, "the killed broker was not restarted"
         time.sleep(0.2)
-    pod.wait_healthy(timeout=60)
+    client.wait_healthy(timeout=60)
     recovered = len(load.ledger)
     deadline = time.monotonic() + 30
     while len(load.ledger) < recovered + 20:
         assert time.monotonic() < deadline, "calls did not recover after the broker's restart"
         time.sleep(0.1)
     load.check(DEADLINE)
+
+
+def test_killed_broker_is_restarted_by_the_pod_and_calls_recover(pod: Pod) -> None:
+    pid = pod.pid(BROKER)
+    restarts = int(inspect(BROKER, "{{.RestartCount}}"))
+    kill_under_load(pod, lambda: os.kill(pid, signal.SIGKILL),
+                    lambda: int(inspect(BROKER, "{{.RestartCount}}")) > restarts
+                    and inspect(BROKER, "{{.State.Running}}") == "true")
     assert pod.pid(BROKER) != pid
     assert_confined(pod.pid(BROKER), BROKER_UID, 2)
 
@@ -411,20 +419,8 @@ def test_systemd_reload_makes_a_rotation_take_effect(systemd_node: SystemdNode) 
 
 def test_systemd_restarts_a_killed_broker_and_calls_recover(systemd_node: SystemdNode) -> None:
     pid = systemd_node.main_pid(UNITS[0])
-    load = Load(systemd_node, callers=4, timeout=DEADLINE)
-    time.sleep(1.0)
-    systemd_node.sh("systemctl kill -s KILL keysealer-broker")
-    deadline = time.monotonic() + 60
-    while systemd_node.main_pid(UNITS[0]) in (0, pid):
-        assert time.monotonic() < deadline, "systemd did not restart the killed broker"
-        time.sleep(0.2)
-    systemd_node.wait_healthy(timeout=60)
-    recovered = len(load.ledger)
-    deadline = time.monotonic() + 30
-    while len(load.ledger) < recovered + 20:
-        assert time.monotonic() < deadline, "calls did not recover after the broker's restart"
-        time.sleep(0.1)
-    load.check(DEADLINE)
+    kill_under_load(systemd_node, lambda: systemd_node.sh("systemctl kill -s KILL keysealer-broker"),
+                    lambda: systemd_node.main_pid(UNITS[0]) not in (0, pid))
 
 
 @pytest.mark.parametrize("unit", UNITS)
