@@ -40,15 +40,77 @@ def deep_update(target: dict[str, Any], changes: dict[str, Any]) -> None:
             target[key] = value
 
 
-class Plugin:
+class KmsClient:
+    """kube-apiserver's side of a KMS v2 socket: Status, Encrypt, Decrypt over real gRPC."""
+
+    def __init__(self, socket: Path) -> None:
+        self.kms_socket = socket
+        self._channel: grpc.Channel | None = None
+
+    @property
+    def stub(self) -> api_pb2_grpc.KeyManagementServiceStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(f"unix:{self.kms_socket}")
+        return api_pb2_grpc.KeyManagementServiceStub(self._channel)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def status(self, timeout: float = 3.0) -> api_pb2.StatusResponse:
+        response: api_pb2.StatusResponse = self.stub.Status(api_pb2.StatusRequest(), timeout=timeout)
+        return response
+
+    def encrypt(self, plaintext: bytes, timeout: float = 3.0) -> api_pb2.EncryptResponse:
+        response: api_pb2.EncryptResponse = self.stub.Encrypt(
+            api_pb2.EncryptRequest(plaintext=plaintext, uid="test"), timeout=timeout)
+        return response
+
+    def decrypt(self, encrypted: api_pb2.EncryptResponse, timeout: float = 3.0) -> bytes:
+        response: api_pb2.DecryptResponse = self.stub.Decrypt(api_pb2.DecryptRequest(
+            ciphertext=encrypted.ciphertext, key_id=encrypted.key_id, uid="test",
+            annotations=encrypted.annotations), timeout=timeout)
+        return bytes(response.plaintext)
+
+    def check_alive(self) -> None:
+        """Raises when what serves the socket is known to be gone (the plugin's processes)."""
+
+    def describe(self) -> str:
+        """What to show when the socket never turns healthy (logs)."""
+        return ""
+
+    def wait_healthy(self, timeout: float = READY_SECONDS) -> api_pb2.StatusResponse:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                status = self.status(timeout=1.0)
+                if status.healthz == "ok":
+                    return status
+                last = status.healthz
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}"
+            time.sleep(0.1)
+        raise AssertionError(f"plugin not healthy after {timeout}s: {last}\n{self.describe()}")
+
+    def wait_for_status_key(self, key_id: str, timeout: float = KEY_SWITCH_SECONDS) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status().key_id != key_id:
+            assert time.monotonic() < deadline, f"Status never reported {key_id}"
+            time.sleep(0.1)
+
+
+class Plugin(KmsClient):
     """Broker and frontend of one plugin instance, each a real process with its log in the state dir."""
 
     def __init__(self, root: Path) -> None:
         self.layout = DevLayout(root)
         prepare(self.layout)
+        super().__init__(self.layout.kms_socket)
         self.broker: subprocess.Popen[bytes] | None = None
         self.frontend: subprocess.Popen[bytes] | None = None
-        self._channel: grpc.Channel | None = None
         # Everything that must never appear in a log: checked every time the plugin stops.
         self.secrets: set[bytes] = {self.layout.pin.read_bytes().strip(), self.layout.so_pin.read_bytes().strip()}
         for name in ("broker", "frontend"):
@@ -74,12 +136,6 @@ class Plugin:
         """`keysealer keys ARGS --config` on this plugin's broker config."""
         return subprocess.run(["keysealer", "keys", *args, "--config", str(self.layout.broker_config)],
                               capture_output=True, text=True, timeout=120, check=check)
-
-    def wait_for_status_key(self, key_id: str, timeout: float = KEY_SWITCH_SECONDS) -> None:
-        deadline = time.monotonic() + timeout
-        while self.status().key_id != key_id:
-            assert time.monotonic() < deadline, f"Status never reported {key_id}"
-            time.sleep(0.1)
 
     def broker_config(self) -> dict[str, Any]:
         data: dict[str, Any] = yaml.safe_load(self.layout.broker_config.read_text())
@@ -114,9 +170,7 @@ class Plugin:
         return _stop(self.frontend, signum)
 
     def stop(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        self.close()
         self.stop_frontend()
         self.stop_broker()
         self.assert_logs_hold_no_secret()
@@ -133,46 +187,18 @@ class Plugin:
 
     # -- the gRPC side -------------------------------------------------------------------------------
 
-    @property
-    def stub(self) -> api_pb2_grpc.KeyManagementServiceStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(f"unix:{self.layout.kms_socket}")
-        return api_pb2_grpc.KeyManagementServiceStub(self._channel)
-
-    def status(self, timeout: float = 3.0) -> api_pb2.StatusResponse:
-        response: api_pb2.StatusResponse = self.stub.Status(api_pb2.StatusRequest(), timeout=timeout)
-        return response
-
     def encrypt(self, plaintext: bytes, timeout: float = 3.0) -> api_pb2.EncryptResponse:
         if len(plaintext) >= 16:  # shorter ones could appear by chance
             self.secrets.add(plaintext)
-        response: api_pb2.EncryptResponse = self.stub.Encrypt(
-            api_pb2.EncryptRequest(plaintext=plaintext, uid="test"), timeout=timeout)
-        return response
+        return super().encrypt(plaintext, timeout)
 
-    def decrypt(self, encrypted: api_pb2.EncryptResponse, timeout: float = 3.0) -> bytes:
-        response: api_pb2.DecryptResponse = self.stub.Decrypt(api_pb2.DecryptRequest(
-            ciphertext=encrypted.ciphertext, key_id=encrypted.key_id, uid="test",
-            annotations=encrypted.annotations), timeout=timeout)
-        return bytes(response.plaintext)
+    def check_alive(self) -> None:
+        for process, name in ((self.broker, "broker"), (self.frontend, "frontend")):
+            if process is not None and process.poll() is not None:
+                raise AssertionError(f"{name} exited with {process.returncode}:\n{self.log(name + '.log')}")
 
-    def wait_healthy(self, timeout: float = READY_SECONDS) -> api_pb2.StatusResponse:
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            for process, name in ((self.broker, "broker"), (self.frontend, "frontend")):
-                if process is not None and process.poll() is not None:
-                    raise AssertionError(f"{name} exited with {process.returncode}:\n{self.log(name + '.log')}")
-            try:
-                status = self.status(timeout=1.0)
-                if status.healthz == "ok":
-                    return status
-                last = status.healthz
-            except grpc.RpcError as exc:
-                last = f"{exc.code().name}"
-            time.sleep(0.1)
-        raise AssertionError(f"plugin not healthy after {timeout}s: {last}\n{self.log('broker.log')}\n"
-                             f"{self.log('frontend.log')}")
+    def describe(self) -> str:
+        return f"{self.log('broker.log')}\n{self.log('frontend.log')}"
 
 
 def _stop(process: subprocess.Popen[bytes] | None, signum: int) -> int:
@@ -221,7 +247,7 @@ class Load:
     its plaintext, no call outlived its deadline, and every failure has an expected code.
     """
 
-    def __init__(self, plugin: Plugin, callers: int = 8, timeout: float = 10.0) -> None:
+    def __init__(self, plugin: KmsClient, callers: int = 8, timeout: float = 10.0) -> None:
         self._plugin = plugin
         self._timeout = timeout
         self._stop = threading.Event()

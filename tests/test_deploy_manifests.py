@@ -1,11 +1,11 @@
 """The deployment files under deploy/ keep their security settings and agree with each other.
 
-Static checks only (no cluster, no container engine here): every YAML file parses; the static pod keeps
-its hardening (distinct non-root uids, read-only root, no privilege escalation, no capabilities,
-seccomp, priority, probes, resources, in-memory IPC volume, read-only PIN); each secret is mounted only
-into the container that owns it; the pod, the configs, kubeadm's patch and the EncryptionConfiguration
-name the same socket paths; the seccomp profile has the OCI shape and refuses what the broker's own
-sandbox refuses; the Containerfile installs hashed wheels and ends non-root with no compiler.
+Static checks (tests/test_deployment_shapes.py runs the pod and the images for real): every YAML file parses;
+the static pod keeps its hardening (distinct non-root uids, read-only root, no privilege escalation, no
+capabilities, seccomp, priority, probes, resources, in-memory IPC volume, read-only PIN); each secret is
+mounted only into the container that owns it; the pod, the configs, kubeadm's patch and the
+EncryptionConfiguration name the same socket paths; the seccomp profile has the OCI shape and refuses what the
+broker's own sandbox refuses; the Containerfile installs hashed wheels and ends non-root with no compiler.
 """
 
 import json
