@@ -4,6 +4,7 @@ import asyncio
 from pathlib import Path
 
 from keysealer.frontend.config import load_frontend_config
+from keysealer.frontend.heap import limit_arenas
 from keysealer.frontend.server import serve
 from keysealer.shared.process import run_service
 
@@ -13,6 +14,7 @@ def _serve(config: Path) -> int:
 
 
 def main() -> None:
+    limit_arenas()  # before gRPC starts its threads
     run_service("keysealer-frontend", __doc__, _serve)
 
 

@@ -15,6 +15,7 @@ from keysealer.frontend.broker_client import BrokerClient
 from keysealer.frontend.call_gate import CallGate
 from keysealer.frontend.config import FrontendConfig
 from keysealer.frontend.health import HealthMonitor
+from keysealer.frontend.heap import return_free_memory
 from keysealer.frontend.http_endpoints import EndpointServer, EndpointState
 from keysealer.frontend.kmsv1 import api_pb2_grpc as v1_grpc
 from keysealer.frontend.kmsv2 import api_pb2_grpc as v2_grpc
@@ -35,8 +36,10 @@ T = TypeVar("T")
 MAX_MESSAGE_BYTES = 64 * 1024
 HEARTBEAT_SECONDS = 1.0
 # Bounds on what a peer of kms.sock can make the server hold (figures and reasons: docs/reliability.md).
-# The apiserver keeps one connection; `keysealer status` and probes open short-lived ones.
-MAX_CONNECTIONS = 16
+# The apiserver keeps one connection per KMS provider (a second one while it reloads its config);
+# `keysealer status` and the two probes open short-lived ones. Each connection streaming an endless header
+# block makes gRPC hold ~20 MiB at once, so this cap keeps that attack's peak ~100 MiB over the baseline.
+MAX_CONNECTIONS = 5
 # A connection that has not sent the HTTP/2 preface and SETTINGS by then is closed.
 HANDSHAKE_MS = 5_000
 # A connection with no call for this long gets a GOAWAY (a gRPC client reconnects when it next calls).
@@ -160,9 +163,10 @@ def _endpoint_server(config: FrontendConfig, state: EndpointState,
 
 
 async def _beat(state: EndpointState) -> None:
-    """What /livez checks: the event loop still runs its tasks."""
+    """What /livez checks: the event loop still runs its tasks. Also returns freed heap to the system."""
     while True:
         state.loop_heartbeat = time.monotonic()
+        return_free_memory()
         await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
