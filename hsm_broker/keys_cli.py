@@ -176,8 +176,9 @@ def key_states(config_path: Path) -> dict[str, str]:
 
 
 def list_keys(config_path: Path) -> int:
+    rows = _keys_with_states(config_path)  # first: a bad config is one line on stderr, with nothing on stdout
     print(f"{'KEY ID':<36}  {'LABEL':<24}  {'CREATED (UTC)':<20}  {'MECHANISM':<14}  STATE")
-    for key, state in _keys_with_states(config_path):
+    for key, state in rows:
         identity = key.identity
         created = datetime.datetime.fromtimestamp(identity.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
         mechanism = MECHANISMS[identity.mechanism].name
@@ -198,13 +199,14 @@ def retire_key(config_path: Path, key_id: str, force: bool, destroy: bool, assum
                stored: StoredUseCheck) -> int:
     """Make a key unusable (the token refuses it from then on), and with --destroy delete it."""
     config = load_broker_config(config_path)
-    _check_stored_use(key_id, stored, force, destroy)
     with _user_session(config) as token:
         session = token.session
         keys = find_keys(session)
         key = next((k for k in keys if k.identity.key_id == key_id), None)
         if key is None:
             raise UsageError(f"no KeySealer key with key_id {key_id} in the token")
+        # Only for a key the token holds: what the operator typed is not echoed in warnings before that.
+        _check_stored_use(key_id, stored, force, destroy)
         current = current_version(list(keys), config.keys.current_label)
         if current is not None and current.identity == key.identity:
             print(f"warning: {key_id} is the current key: until a newer key is created, nothing can be "
