@@ -177,8 +177,12 @@ def prepare_directory(path: Path, mode: int, owner: Owner, parent_fd: int | None
         info = os.fstat(fd)
         if info.st_uid not in (0, os.geteuid(), owner.uid):
             raise _refuse(path, f"owned by uid {info.st_uid}, which did not create it for us")
-        os.fchown(fd, owner.uid, owner.gid)
-        os.fchmod(fd, mode)
+        # Only what differs: a non-root broker (a pod's) already owns what it made, and its seccomp profile
+        # allows no chown at all.
+        if (info.st_uid, info.st_gid) != (owner.uid, owner.gid):
+            os.fchown(fd, owner.uid, owner.gid)
+        if stat.S_IMODE(info.st_mode) != mode:
+            os.fchmod(fd, mode)
     except BaseException:
         os.close(fd)
         raise

@@ -340,8 +340,14 @@ def test_tmpfiles_creates_the_host_directories_with_the_container_owners(pod: di
                 continue
             fields = entries.get(host["path"])
             assert fields is not None, f"{host['path']} is not created by {TMPFILES.name}"
-            assert fields[0] == "d" and fields[3] == uid[name], fields
-            assert int(fields[2], 8) & 0o077 == 0, f"{host['path']}: mode {fields[2]} lets others in"
+            # Written by the container: its uid's. Only read: root's (root prepares files there and trusts
+            # no directory another user could change), readable through the containers' group.
+            owner = "root" if mount.get("readOnly") else uid[name]
+            assert fields[0] == "d" and fields[3] == owner, fields
+            assert fields[4] == gid, fields
+            assert int(fields[2], 8) & 0o007 == 0, f"{host['path']}: mode {fields[2]} lets others in"
+            if owner != "root":
+                assert int(fields[2], 8) & 0o070 == 0, f"{host['path']}: mode {fields[2]} lets the group in"
     pin = entries[broker_config["token"]["pin_file"]]
     assert pin[0] == "z" and pin[2] == "0400" and pin[3] == uid["broker"] and pin[4] == gid
 
