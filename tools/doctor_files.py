@@ -7,11 +7,11 @@ import pwd
 import stat
 from pathlib import Path
 
-from keysealer.hsm_broker.doctor_findings import Outcome, failed, passed, warned
 from keysealer.shared.bounded_files import FileRefused
 from keysealer.shared.ipc_keys import load_public_key
 from keysealer.shared.process import FatalError, UsageError
 from keysealer.shared.socket_path import group_id
+from keysealer.tools.doctor_findings import Outcome, failed, passed, warned
 
 # The broker creates its socket directory with this mode (supervisor.py) and keeps it there.
 SOCKET_DIR_MODE = 0o750

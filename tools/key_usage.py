@@ -149,7 +149,7 @@ def usage_command(etcd: EtcdOptions, prefix: str, *, config: Path | None, json_o
     report = scan(etcd, prefix)
     states = None
     if config is not None:
-        from keysealer.hsm_broker.keys_cli import key_states  # loads PKCS #11 only when asked
+        from keysealer.tools.keys_cli import key_states  # loads PKCS #11 only when asked
 
         states = key_states(config)
     failures: list[dict[str, Any]] | None = None
@@ -180,7 +180,7 @@ def _seed_count(report: UsageReport, provider: str | None) -> int:
 
 
 def _verify(report: UsageReport, socket: Path, provider: str | None) -> list[dict[str, Any]]:
-    from keysealer.frontend.seed_verify import failed_seeds  # loads gRPC only when asked
+    from keysealer.tools.seed_verify import failed_seeds  # loads gRPC only when asked
 
     failed = failed_seeds(socket, [seed for _, seed, _ in _seeds(report, provider)], VERIFY_TIMEOUT)
     return [{"provider": name, "key_id": seed.key_id, "objects": usage.objects, "error": failed[seed],

@@ -143,7 +143,7 @@ def _write_once(path: Path, content: str) -> None:
 
 
 def _keysealer(*args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "keysealer.shared.cli", *args],
+    result = subprocess.run([sys.executable, "-m", "keysealer.tools.cli", *args],
                             capture_output=True, text=True, check=False)
     if result.returncode != EXIT_OK:
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -222,7 +222,7 @@ def _keep_running(child: Child) -> None:
 
 
 def _announce_when_ready(layout: DevLayout, stopping: Callable[[], bool]) -> None:
-    from keysealer.frontend.status_cli import fetch_status
+    from keysealer.tools.status_cli import fetch_status
 
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     healthz = "not started"

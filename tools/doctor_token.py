@@ -13,7 +13,6 @@ from typing import Any
 import PyKCS11
 
 from keysealer.hsm_broker.config import BrokerConfig
-from keysealer.hsm_broker.doctor_findings import Check, Outcome, failed, passed, warned
 from keysealer.hsm_broker.key_naming import current_version, newest_with_label, version_state
 from keysealer.hsm_broker.mechanisms import MECHANISMS, ckm_names, offered_by
 from keysealer.hsm_broker.pin import pin_path, read_pin
@@ -33,6 +32,7 @@ from keysealer.hsm_broker.token import (
 from keysealer.hsm_broker.token import log as token_log
 from keysealer.shared.errors import KeySealerError
 from keysealer.shared.process import FatalError
+from keysealer.tools.doctor_findings import Check, Outcome, failed, passed, warned
 
 _TOKEN_FLAGS = (
     (PyKCS11.CKF_TOKEN_INITIALIZED, "initialized"), (PyKCS11.CKF_LOGIN_REQUIRED, "login required"),

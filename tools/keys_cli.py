@@ -37,8 +37,8 @@ from keysealer.hsm_broker.token import (
 )
 from keysealer.shared.ciphertext import Mechanism, header_for
 from keysealer.shared.etcd_reader import EtcdOptions
-from keysealer.shared.key_usage import resources_line, scan
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError, UsageError
+from keysealer.tools.key_usage import resources_line, scan
 
 
 @dataclass(frozen=True)
