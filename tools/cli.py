@@ -4,8 +4,9 @@
 import argparse
 from pathlib import Path
 
+from keysealer.shared.errors import UsageError
 from keysealer.shared.etcd_reader import DEFAULT_PAGE_SIZE, EtcdOptions  # standard library only
-from keysealer.shared.process import EXIT_OK, ArgumentParser, UsageError, run_main
+from keysealer.shared.process import EXIT_OK, ArgumentParser, run_main
 
 PROGRAM = "keysealer"
 DEFAULT_STATE_DIR = Path(".keysealer")

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keysealer.shared.etcd_reader import EtcdError, EtcdOptions, scan_prefix
-from keysealer.shared.process import EXIT_FAILURE, EXIT_OK, UsageError
+from keysealer.shared.errors import EtcdError, UsageError
+from keysealer.shared.etcd_reader import EtcdOptions, scan_prefix
+from keysealer.shared.process import EXIT_FAILURE, EXIT_OK
 from keysealer.shared.stored_values import EncryptedSeed, ValueKind, classify, resource_of
 
 SAMPLE_KEYS = 5  # etcd keys kept per seed (and of unparsable values) to name in a report

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
-from keysealer.shared.process import FatalError, UsageError
+from keysealer.shared.errors import FatalError, UsageError
 from keysealer.shared.stored_values import EncryptedSeed
 from keysealer.tools.status_cli import fetch_status
 
