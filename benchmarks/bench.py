@@ -49,7 +49,7 @@ import yaml
 from proc_info import child_pids, proc_status_kib, socket_owner  # a sibling module: run as python benchmarks/...
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
-from keysealer.shared.dev import DevLayout, prepare
+from keysealer.tools.dev import DevLayout, prepare
 
 REPO = Path(__file__).resolve().parent.parent
 CALL_TIMEOUT_SECONDS = 3.0  # what `keysealer dev`'s EncryptionConfiguration gives the apiserver
@@ -683,7 +683,7 @@ class Pkcs11Ceiling:
 
 
 def key_template(object_id: bytes, label: str) -> list[tuple[int, Any]]:
-    """The attributes of the product's AES key (hsm_broker/keys_cli.py key_template when this tool was
+    """The attributes of the product's AES key (tools/keys_cli.py key_template when this tool was
     written): AES-256, a token object, private, sensitive, never extractable, encrypt and decrypt only."""
     import PyKCS11
 
@@ -974,7 +974,8 @@ def machine() -> dict[str, str]:
     import zmq
 
     digest = hashlib.sha256()
-    for path in sorted(p for part in ("shared", "frontend", "hsm_broker") for p in (REPO / part).rglob("*.py")):
+    packages = ("shared", "frontend", "hsm_broker", "tools")
+    for path in sorted(p for part in packages for p in (REPO / part).rglob("*.py")):
         digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     return {
         "nproc": f"{len(os.sched_getaffinity(0))} (os.cpu_count {os.cpu_count()})",

@@ -1,5 +1,6 @@
 """What every call the frontend serves goes through, whichever KMS API version: admission under the
-in-flight bound, a deadline shorter than the caller's, and one mapping from errors to gRPC codes."""
+in-flight bound, a deadline shorter than the caller's, and one mapping from errors to gRPC codes (the only
+place a gRPC status code is chosen)."""
 
 import logging
 import time
@@ -57,7 +58,7 @@ class CallGate:
         started = time.monotonic()
         if self._in_flight >= self._limits.max_in_flight:
             self._metrics.refused.inc()
-            await self.refuse(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight")
+            await self.refuse(context, record, ErrorCode.BUSY, "too many calls in flight")
         self._in_flight += 1
         self._metrics.in_flight.set(self._in_flight)
         # What the audit says unless the handler returns: a cancelled call ends with CancelledError.
@@ -86,8 +87,9 @@ class CallGate:
             self._metrics.in_flight.set(self._in_flight)
             self._finish(record, code, started)
 
-    async def refuse(self, context: Context, record: CallRecord, code: grpc.StatusCode, message: str) -> NoReturn:
+    async def refuse(self, context: Context, record: CallRecord, error: ErrorCode, message: str) -> NoReturn:
         """Answer a call that is not served at all, accounted for like one that is."""
+        code = GRPC_CODES[error]
         self._finish(record, code, time.monotonic())
         await context.abort(code, message)
 

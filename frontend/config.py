@@ -4,7 +4,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keysealer.shared.config_loader import ConfigError, bounded, load_config
+from keysealer.shared.config_loader import bounded, load_config
+from keysealer.shared.errors import ConfigError
 from keysealer.shared.safe_paths import check_file_root_reads, socket_path_problem
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from keysealer.frontend.call_gate import CallGate, CallRecord, Context
+from keysealer.shared.errors import ErrorCode
 
 # The service of the KMS v2 API, whose methods the audit and metrics name without a prefix.
 V2_SERVICE = "v2.KeyManagementService"
@@ -61,7 +62,7 @@ class MalformedRequests(Interceptor):
 
         async def serve(request: Any, context: Context) -> Any:
             if request is _MALFORMED:
-                await self._gate.refuse(context, CallRecord(name, ""), grpc.StatusCode.INVALID_ARGUMENT,
+                await self._gate.refuse(context, CallRecord(name, ""), ErrorCode.INVALID_REQUEST,
                                         "request is not a valid protobuf message")
             return await behaviour(request, context)
 

@@ -22,11 +22,12 @@ from keysealer.frontend.kmsv2 import api_pb2_grpc as v2_grpc
 from keysealer.frontend.malformed_requests import MalformedRequests
 from keysealer.frontend.metrics import Metrics
 from keysealer.frontend.service import Forwarder, KmsService, KmsV1Service
+from keysealer.shared.errors import SandboxError, UsageError
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.open_files import raise_open_file_limit
-from keysealer.shared.process import EXIT_OK, EXIT_USAGE, FatalError
+from keysealer.shared.process import EXIT_OK
 from keysealer.shared.safe_paths import SocketDirectory, owner_of_created, service_account
-from keysealer.shared.sandbox import SandboxError, become_configured_user, lock_down, require_user_if_root
+from keysealer.shared.sandbox import become_configured_user, lock_down, require_user_if_root
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,7 +90,7 @@ async def serve(config: FrontendConfig) -> int:
     try:
         require_user_if_root(config.user)
     except SandboxError as exc:
-        raise FatalError(str(exc), EXIT_USAGE) from None
+        raise UsageError(str(exc)) from None
     raise_open_file_limit()  # before any listener: 1,024 idle connections must not starve us
     path = config.listen.socket
     account = service_account(config.user)
@@ -111,7 +112,7 @@ async def serve(config: FrontendConfig) -> int:
         try:
             server.add_insecure_port(f"unix:{bind_path}")
         except RuntimeError:
-            raise FatalError(f"listen.socket: cannot bind {path}", EXIT_USAGE) from None
+            raise UsageError(f"listen.socket: cannot bind {path}") from None
     await server.start()
     endpoints_state = EndpointState(metrics, health.current)
     endpoints: EndpointServer | None = None
@@ -157,7 +158,7 @@ def _endpoint_server(config: FrontendConfig, state: EndpointState,
         endpoints = EndpointServer(state, config.metrics.socket, config.metrics.port, _owners(account),
                                    owner_of_created(account, config.metrics.group, "metrics.group"))
     except OSError as exc:
-        raise FatalError(f"metrics: cannot listen: {exc.strerror}", EXIT_USAGE) from None
+        raise UsageError(f"metrics: cannot listen: {exc.strerror}") from None
     endpoints.start()
     return endpoints
 
@@ -174,4 +175,4 @@ def _sandbox(step: Callable[..., T], *args: Any) -> T:
     try:
         return step(*args)
     except SandboxError as exc:
-        raise FatalError(f"cannot sandbox the frontend: {exc}", EXIT_USAGE) from None
+        raise UsageError(f"cannot sandbox the frontend: {exc}") from None

@@ -83,7 +83,7 @@ def load_broker_config(path: Path) -> BrokerConfig:
 
 
 def _validate(config: BrokerConfig, path: Path) -> None:
-    from keysealer.shared.config_loader import ConfigError
+    from keysealer.shared.errors import ConfigError
 
     token = config.token
     if (token.token_label is None) == (token.slot is None):

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from keysealer.shared.process import EXIT_USAGE, FatalError
+from keysealer.shared.errors import UnusableFile
 from keysealer.shared.safe_paths import check_file_root_reads
 from keysealer.shared.secret_files import read_secret_file
 
@@ -33,5 +33,5 @@ def read_pin_file(path: Path) -> bytearray:
     while pin and pin[-1] in b"\r\n":
         pin.pop()
     if not pin:
-        raise FatalError(f"PIN file {path}: empty", EXIT_USAGE)
+        raise UnusableFile(f"PIN file {path}: empty")
     return pin

@@ -27,18 +27,13 @@ from keysealer.hsm_broker.rate_limit import RateLimit
 from keysealer.hsm_broker.worker_protocol import ProtocolViolation, WorkerReply, WorkerStatus, worker_routing_id
 from keysealer.shared import ipc_schema
 from keysealer.shared.broker_stats import BrokerStats, TokenStats, microseconds
-from keysealer.shared.errors import ErrorCode
+from keysealer.shared.errors import ErrorCode, SandboxError, UsageError
 from keysealer.shared.ipc_keys import load_keypair, load_public_key
 from keysealer.shared.ipc_schema import WorkerState
 from keysealer.shared.open_files import raise_open_file_limit
-from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError
+from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, error_for_exit_code
 from keysealer.shared.safe_paths import SocketDirectory, owner_of_created, prepare_directory, service_account
-from keysealer.shared.sandbox import (
-    SandboxError,
-    become_configured_user,
-    lock_down,
-    require_user_if_root,
-)
+from keysealer.shared.sandbox import become_configured_user, lock_down, require_user_if_root
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +136,7 @@ class Supervisor:
         try:
             require_user_if_root(self.config.user)
         except SandboxError as exc:
-            raise FatalError(str(exc), EXIT_USAGE) from None
+            raise UsageError(str(exc)) from None
         try:
             raise_open_file_limit()  # before any listener: 1,024 idle connections must not starve us
             self._bind()
@@ -204,7 +199,7 @@ class Supervisor:
                 log.warning("running as root, as configured (user: root)")
             lock_down(allow_inet=self.config.sandbox.allow_inet)
         except SandboxError as exc:
-            raise FatalError(f"cannot sandbox the broker: {exc}", EXIT_USAGE) from None
+            raise UsageError(f"cannot sandbox the broker: {exc}") from None
         self._policy = _peer_policy(self.config)  # "the broker's own user" means the user we now run as
 
     def _serve(self) -> None:
@@ -328,7 +323,7 @@ class Supervisor:
             return
         if fatal:
             reason = slot.status.reason if slot.status.state is WorkerState.FATAL else f"worker exited with code {code}"
-            raise FatalError(reason, code)
+            raise error_for_exit_code(code, reason)
         log.warning("worker %s exited with code %d", routing_id.decode(), code)
         now = time.monotonic()
         if now - slot.started > STABLE_SECONDS:
@@ -499,7 +494,7 @@ def _peer_policy(config: BrokerConfig) -> PeerPolicy:
         # A numeric uid needs no passwd entry (containers often lack one for the other container's user).
         uid = os.geteuid() if user is None else int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
     except KeyError:
-        raise FatalError(f"ipc.frontend_user: no user named {user!r}", EXIT_USAGE) from None
+        raise UsageError(f"ipc.frontend_user: no user named {user!r}") from None
     keys = frozenset(load_public_key(path) for path in config.ipc.client_keys)
     return PeerPolicy(client_keys=keys, allowed_uids=frozenset({uid}))
 

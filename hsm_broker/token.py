@@ -20,10 +20,9 @@ from keysealer.hsm_broker.key_naming import KeyIdentity, KeyVersion, current_ver
 from keysealer.hsm_broker.mechanisms import MECHANISMS, KeyObjects
 from keysealer.hsm_broker.pin import read_pin
 from keysealer.shared import ciphertext
-from keysealer.shared.bounded_files import FileRefused, read_bounded
-from keysealer.shared.errors import ErrorCode, KeySealerError
+from keysealer.shared.bounded_files import read_bounded
+from keysealer.shared.errors import BadPin, ErrorCode, FileRefused, KeySealerError, TokenUnavailable, UnusableFile
 from keysealer.shared.key_ids import key_id_for_ref, key_ref_for, key_ref_for_id
-from keysealer.shared.process import FatalError
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +53,6 @@ SELF_TEST_BYTES = 32
 # tpm2-pkcs11's store holds a few kB per key: far below this even with thousands of keys.
 MAX_STORE_BYTES = 64 * 1024 * 1024
 UNKNOWN_KEY_MESSAGE = "key_id not known to this token or not the ciphertext's key"
-
-
-class TokenUnavailable(Exception):
-    """The token cannot serve now (absent, session lost, device error); `reason` is short and public."""
-
-    def __init__(self, reason: str, ckr: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.ckr = ckr
-
-
-class BadPin(Exception):
-    """The token refused the PIN."""
 
 
 def error_name(exc: PyKCS11.PyKCS11Error) -> str:
@@ -271,7 +257,7 @@ class Token:
         self.shut()
         try:
             pin = read_pin(config.pin_file)
-        except FatalError as exc:  # the worker's next open says it again, with its exit code
+        except UnusableFile as exc:  # the worker's next open says it again, and stops
             raise TokenUnavailable(str(exc)) from None
         try:
             self._lib, self._slot, self._session = _start(config, pin)

@@ -20,20 +20,12 @@ from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.mechanisms import MECHANISMS
 from keysealer.hsm_broker.pin import read_pin
-from keysealer.hsm_broker.token import (
-    SESSION_ERRORS,
-    UNKNOWN_KEY_MESSAGE,
-    BadPin,
-    Token,
-    TokenKey,
-    TokenUnavailable,
-    open_token,
-)
+from keysealer.hsm_broker.token import SESSION_ERRORS, UNKNOWN_KEY_MESSAGE, Token, TokenKey, open_token
 from keysealer.shared import ipc_schema
 from keysealer.shared.broker_stats import NO_MECHANISM, OTHER_ERROR, TokenOperation, TokenStats
-from keysealer.shared.errors import ErrorCode, KeySealerError
+from keysealer.shared.errors import BadPin, ErrorCode, KeySealerError, TokenUnavailable, UnusableFile
 from keysealer.shared.ipc_schema import WorkerState
-from keysealer.shared.process import EXIT_BAD_PIN, FatalError
+from keysealer.shared.process import exit_code_for
 from keysealer.shared.sandbox import lock_down
 
 log = logging.getLogger(__name__)
@@ -90,8 +82,8 @@ class Worker:
                         self._token = self._open()
                 except BadPin as exc:
                     return self._refused_pin(exc)
-                except FatalError as exc:
-                    return self._last_words(str(exc), exc.exit_code)
+                except UnusableFile as exc:
+                    return self._last_words(str(exc), exit_code_for(exc))
                 except TokenUnavailable as exc:
                     self._count_error(exc)
                     failures += 1
@@ -127,7 +119,7 @@ class Worker:
             pin[:] = bytes(len(pin))  # overwrite: the token has what it needs
 
     def _refused_pin(self, exc: BadPin) -> int:
-        return self._last_words(f"{exc}; not retried: a token locks after a few failed logins", EXIT_BAD_PIN)
+        return self._last_words(f"{exc}; not retried: a token locks after a few failed logins", exit_code_for(exc))
 
     def _last_words(self, reason: str, exit_code: int) -> int:
         """Tell the supervisor why this worker exits, and make sure the message leaves before we do."""

@@ -10,16 +10,9 @@ import os
 import stat
 from pathlib import Path
 
+from keysealer.shared.errors import FileRefused
+
 _CHUNK = 64 * 1024
-
-
-class FileRefused(Exception):
-    """A file that is not one KeySealer reads; the message names it and says why, on one line (entry points
-    report it as an operator error, exit code 2)."""
-
-    def __init__(self, path: Path, what: str, reason: str) -> None:
-        super().__init__(f"{what} {path}: {reason}")
-        self.reason = reason
 
 
 def read_bounded(path: Path, what: str, limit: int, follow_symlinks: bool = True,

@@ -11,7 +11,8 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from keysealer.shared.bounded_files import FileRefused, read_bounded_text
+from keysealer.shared.bounded_files import read_bounded_text
+from keysealer.shared.errors import ConfigError, FileRefused
 from keysealer.shared.log_text import printable
 
 T = TypeVar("T")
@@ -20,10 +21,6 @@ MAX_CONFIG_BYTES = 64 * 1024
 # KeySealer's schemas nest three levels; a deeper document is not a config, and its nesting would
 # otherwise exhaust Python's recursion limit in the YAML parser.
 MAX_CONFIG_DEPTH = 16
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; the message names the file and the field."""
 
 
 def load_config(path: Path, schema: type[T]) -> T:

@@ -16,16 +16,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from keysealer.shared.bounded_files import FileRefused, read_bounded, read_bounded_text
+from keysealer.shared.bounded_files import read_bounded, read_bounded_text
+from keysealer.shared.errors import EtcdError, FileRefused
 
 DEFAULT_PAGE_SIZE = 500
 RANGE_PATH = "/v3/kv/range"
 # Certificates, chains and keys are a few KiB; a bundle of every public CA is about 200 KiB.
 MAX_TLS_FILE_BYTES = 1024 * 1024
-
-
-class EtcdError(Exception):
-    """etcd could not be read: one line for the operator."""
 
 
 @dataclass(frozen=True)

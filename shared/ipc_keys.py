@@ -12,7 +12,7 @@ from pathlib import Path
 import zmq
 
 from keysealer.shared.bounded_files import read_bounded
-from keysealer.shared.process import EXIT_USAGE, FatalError
+from keysealer.shared.errors import UnusableFile, UsageError
 from keysealer.shared.safe_paths import check_file_root_reads, create_file, open_directory
 from keysealer.shared.secret_files import MAX_SECRET_FILE_BYTES, read_secret_file
 from keysealer.shared.socket_path import umask
@@ -35,13 +35,13 @@ def generate(directory: Path, name: str) -> tuple[Path, Path]:
     replace the secret key with one they know, and then pass for the broker or the frontend.
     """
     if not name or "/" in name or name in (".", "..") or not name.isprintable():
-        raise FatalError(f"key name {name!r}: must be a plain file name", EXIT_USAGE)
+        raise UsageError(f"key name {name!r}: must be a plain file name")
     dir_fd = open_directory(Path(os.path.abspath(directory)))
     try:
         public_name, secret_name = f"{name}{PUBLIC_SUFFIX}", f"{name}{SECRET_SUFFIX}"
         for file_name in (public_name, secret_name):
             if _exists(dir_fd, file_name):
-                raise FatalError(f"{directory / file_name} exists already; not overwriting a key", EXIT_USAGE)
+                raise UsageError(f"{directory / file_name} exists already; not overwriting a key")
         public, secret = zmq.curve_keypair()
         header = "#   ZeroMQ CURVE certificate written by keysealer ipc-keygen\nmetadata\ncurve\n"
         _write_new(dir_fd, secret_name, 0o600,
@@ -68,7 +68,7 @@ def _write_new(dir_fd: int, name: str, mode: int, text: str) -> None:
 def _fields(data: bytes, path: Path) -> dict[bytes, bytes]:
     found = dict(_FIELD.findall(data))
     if b"public" not in found:
-        raise FatalError(f"{path}: not a ZeroMQ CURVE certificate (no public-key)", EXIT_USAGE)
+        raise UnusableFile(f"{path}: not a ZeroMQ CURVE certificate (no public-key)")
     return found
 
 
@@ -79,7 +79,7 @@ def load_keypair(path: Path) -> KeyPair:
     fields = _fields(bytes(data), path)
     data[:] = bytes(len(data))
     if b"secret" not in fields:
-        raise FatalError(f"{path}: holds no secret-key (give the {SECRET_SUFFIX} file)", EXIT_USAGE)
+        raise UnusableFile(f"{path}: holds no secret-key (give the {SECRET_SUFFIX} file)")
     return KeyPair(fields[b"public"], fields[b"secret"])
 
 

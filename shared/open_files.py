@@ -8,7 +8,7 @@ programs that use select(), which ours never do.
 
 import resource
 
-from keysealer.shared.process import EXIT_USAGE, FatalError
+from keysealer.shared.errors import UsageError
 
 # Below this a few hundred idle connections would exhaust the process; refuse rather than fall over later.
 MIN_OPEN_FILES = 4096
@@ -21,12 +21,12 @@ def raise_open_file_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = UNLIMITED_TARGET if hard == resource.RLIM_INFINITY else hard
     if target < MIN_OPEN_FILES:
-        raise FatalError(f"the open file limit (hard RLIMIT_NOFILE) is {hard}, below the {MIN_OPEN_FILES} this "
-                         "program needs: raise it (LimitNOFILE= in the unit, ulimit -Hn)", EXIT_USAGE)
+        raise UsageError(f"the open file limit (hard RLIMIT_NOFILE) is {hard}, below the {MIN_OPEN_FILES} this "
+                         "program needs: raise it (LimitNOFILE= in the unit, ulimit -Hn)")
     if soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as exc:
-            raise FatalError(f"cannot raise the open file limit from {soft} to {target}: {exc}", EXIT_USAGE) from None
+            raise UsageError(f"cannot raise the open file limit from {soft} to {target}: {exc}") from None
         soft = target
     return soft

@@ -1,4 +1,7 @@
-"""What every KeySealer entry point shares: exit codes and the one-line error contract."""
+"""What every KeySealer entry point shares: exit codes and the one-line error contract.
+
+The error classes live in shared/errors.py; which exit code each ends a program with is decided here
+alone, by EXIT_CODES, where the entry point catches it: the code that raises an error never picks one."""
 
 import argparse
 import datetime
@@ -9,8 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from keysealer.shared.bounded_files import FileRefused
-from keysealer.shared.config_loader import ConfigError
+from keysealer.shared.errors import BadPin, ConfigError, FatalError, FileRefused, UsageError
 from keysealer.shared.log_text import printable
 
 EXIT_OK = 0
@@ -21,18 +23,27 @@ EXIT_USAGE = 2
 EXIT_BAD_PIN = 3
 # Far longer than any message of ours; what an operator passed in cannot stretch one beyond it.
 MAX_ERROR_CHARS = 1000
+# Each operator error class and the exit code it ends a program with; the first class that matches wins.
+EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (BadPin, EXIT_BAD_PIN),
+    (UsageError, EXIT_USAGE),
+    (ConfigError, EXIT_USAGE),
+    (FileRefused, EXIT_USAGE),
+    (FatalError, EXIT_FAILURE),
+)
+OPERATOR_ERRORS = tuple(kind for kind, _ in EXIT_CODES)
 
 
-class UsageError(Exception):
-    """An operator mistake reported as one line with exit code 2."""
+def exit_code_for(error: Exception) -> int:
+    """The exit code an operator error ends a program with (a worker's, too: the supervisor reads it)."""
+    return next(code for kind, code in EXIT_CODES if isinstance(error, kind))
 
 
-class FatalError(Exception):
-    """A condition that stops the process with a given exit code and one line of explanation."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+def error_for_exit_code(code: int, message: str) -> Exception:
+    """The error that ends this program as a child's `code` ended the child: how a parent passes on a child's
+    fatal exit (a bad PIN stays exit 3 through the broker and `keysealer dev`); any other code is a failure."""
+    kind = next((kind for kind, known in EXIT_CODES if known == code), FatalError)
+    return kind(message)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -47,12 +58,9 @@ def run_main(program: str, body: Callable[[], int]) -> NoReturn:
     """Run an entry point: operator errors become one line on stderr and an exit code, never a traceback."""
     try:
         code = body()
-    except (ConfigError, UsageError, FileRefused) as exc:
+    except OPERATOR_ERRORS as exc:
         _say(program, str(exc))
-        code = EXIT_USAGE
-    except FatalError as exc:
-        _say(program, str(exc))
-        code = exc.exit_code
+        code = exit_code_for(exc)
     except OSError as exc:
         # A file or socket the environment did not provide: still one line, never a traceback.
         where = f"{exc.filename}: " if exc.filename else ""

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from keysealer.shared.process import EXIT_USAGE, FatalError, UsageError
+from keysealer.shared.errors import UnsafePathError, UsageError
 from keysealer.shared.sandbox import STAY_ROOT
 from keysealer.shared.socket_path import MAX_SOCKET_PATH_BYTES, group_id, umask
 
@@ -30,10 +30,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as the kernel's own path walk
 # Directories we create on the way to a socket directory: others must be able to traverse them.
 _PARENT_MODE = 0o755
-
-
-class UnsafePathError(UsageError):
-    """A path someone other than root or us could redirect, or one we cannot use as configured."""
 
 
 def socket_path_problem(path: Path) -> str | None:
@@ -69,7 +65,7 @@ def service_account(user: str | None) -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(user)
     except KeyError:
-        raise FatalError(f"user: no user named {user!r}", EXIT_USAGE) from None
+        raise UsageError(f"user: no user named {user!r}") from None
 
 
 def _refuse(path: Path | str, why: str) -> UnsafePathError:

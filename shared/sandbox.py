@@ -24,6 +24,8 @@ import termios
 from collections.abc import Sequence
 from typing import Any, Final
 
+from keysealer.shared.errors import SandboxError
+
 
 # pyseccomp locates libseccomp with ctypes.util.find_library, which runs
 # /sbin/ldconfig in a subprocess: importing it after exec is blocked would fail,
@@ -40,20 +42,12 @@ _seccomp, _seccomp_import_error = _import_seccomp()
 
 __all__ = [
     "DENIED_SYSCALLS",
-    "SandboxError",
     "drop_privileges",
     "lock_down",
     "sandbox_status",
 ]
 
 
-class SandboxError(RuntimeError):
-    """The kernel or libseccomp refused a lockdown step, or a setting is unsafe."""
-
-
-# Syscalls that fail with EPERM after lock_down.  None is needed by a process
-# that serves KMS requests from an already opened PKCS #11 session.  Names the
-# running architecture lacks (iopl on aarch64, ...) are skipped.
 DENIED_SYSCALLS: Final[tuple[str, ...]] = (
     # Running other programs: the main thing an attacker wants.
     "execve",

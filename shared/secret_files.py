@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from keysealer.shared.bounded_files import FileRefused, read_bounded
-from keysealer.shared.process import EXIT_USAGE, FatalError
+from keysealer.shared.bounded_files import read_bounded
+from keysealer.shared.errors import FileRefused, UnusableFile
 
 MAX_SECRET_FILE_BYTES = 4096
 
@@ -17,4 +17,4 @@ def read_secret_file(path: Path, what: str) -> bytearray:
     try:
         return read_bounded(path, what, MAX_SECRET_FILE_BYTES, follow_symlinks=False, private=True)
     except FileRefused as exc:
-        raise FatalError(str(exc), EXIT_USAGE) from None
+        raise UnusableFile(str(exc)) from None

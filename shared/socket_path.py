@@ -5,7 +5,7 @@ import grp
 import os
 from collections.abc import Iterator
 
-from keysealer.shared.process import UsageError
+from keysealer.shared.errors import UsageError
 
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107

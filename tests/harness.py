@@ -19,8 +19,8 @@ import grpc
 import yaml
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
-from keysealer.shared.dev import DevLayout, prepare
 from keysealer.shared.ipc_keys import SECRET_SUFFIX, load_keypair
+from keysealer.tools.dev import DevLayout, prepare
 
 READY_SECONDS = 30.0
 KEY_SWITCH_SECONDS = 20.0  # worker key refresh (5 s) + frontend probe (5 s) + slack

@@ -12,7 +12,7 @@ typecheck=$(mktemp -d)
 trap 'rm -rf "$typecheck"' EXIT
 mkdir "$typecheck/keysealer"
 cp shared/_root/__init__.py "$typecheck/keysealer/"
-for part in shared frontend hsm_broker; do ln -s "$PWD/$part" "$typecheck/keysealer/$part"; done
+for part in shared frontend hsm_broker tools; do ln -s "$PWD/$part" "$typecheck/keysealer/$part"; done
 (cd "$typecheck" && MYPYPATH="$typecheck" mypy --config-file "$OLDPWD/pyproject.toml" -p keysealer)
 
 python -m pytest "$@"

@@ -19,8 +19,8 @@ import yaml
 from harness import short_tmp_dir
 from test_config_validation import console_script
 
-from keysealer.shared.dev import DevLayout, prepare
 from keysealer.shared.ipc_keys import PUBLIC_SUFFIX, SECRET_SUFFIX
+from keysealer.tools.dev import DevLayout, prepare
 
 # Far above what a refusal takes; a hang or a read of /dev/zero runs into it.
 HANG_SECONDS = 30

@@ -188,8 +188,8 @@ def test_a_mechanism_the_token_cannot_run_is_refused_and_leaves_no_key(plugin: P
 def test_a_mechanism_the_token_does_not_offer_is_refused_naming_what_it_offers() -> None:
     import PyKCS11
 
-    from keysealer.hsm_broker.keys_cli import _choose_mechanism
-    from keysealer.shared.process import UsageError
+    from keysealer.shared.errors import UsageError
+    from keysealer.tools.keys_cli import _choose_mechanism
 
     offered = {PyKCS11.CKM_AES_CBC, PyKCS11.CKM_SHA256_HMAC, PyKCS11.CKM_AES_KEY_GEN, PyKCS11.CKM_RSA_PKCS_OAEP,
                PyKCS11.CKM_RSA_PKCS_KEY_PAIR_GEN}  # what tpm2-pkcs11 1.9 (TPM 2.0) lists of ours

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from harness import Plugin, deep_update
 
-from keysealer.shared.safe_paths import Owner, UnsafePathError, prepare_directory
+from keysealer.shared.errors import UnsafePathError
+from keysealer.shared.safe_paths import Owner, prepare_directory
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="plays root starting the plugin")
 

@@ -39,7 +39,7 @@ def test_key_id_is_stable_across_a_restart_of_both_processes(plugin: Plugin) -> 
 def test_older_key_still_decrypts_after_a_newer_key_becomes_current(plugin: Plugin) -> None:
     seed = os.urandom(32)
     old = plugin.encrypt(seed)
-    created = subprocess.run([sys.executable, "-m", "keysealer.shared.cli", "keys", "create", "--label",
+    created = subprocess.run([sys.executable, "-m", "keysealer.tools.cli", "keys", "create", "--label",
                               "next-kek", "--config", str(plugin.layout.broker_config)],
                              capture_output=True, text=True, check=True)
     assert "created key" in created.stdout

@@ -378,7 +378,8 @@ def test_lockdown_failure_raises_sandbox_error(child_env: dict[str, str]) -> Non
         child_env,
         """
         import pyseccomp
-        from keysealer.shared.sandbox import SandboxError, lock_down
+        from keysealer.shared.errors import SandboxError
+        from keysealer.shared.sandbox import lock_down
 
         # An outer sandbox that forbids installing further seccomp filters.
         outer = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
@@ -404,7 +405,8 @@ def test_drop_privileges_as_root(child_env: dict[str, str]) -> None:
     result = run_child(
         child_env,
         """
-        from keysealer.shared.sandbox import SandboxError, drop_privileges
+        from keysealer.shared.errors import SandboxError
+        from keysealer.shared.sandbox import drop_privileges
 
         r = {}
         try:
@@ -469,7 +471,8 @@ def test_drop_privileges_without_root_is_strict(child_env: dict[str, str]) -> No
     result = run_child(
         child_env,
         """
-        from keysealer.shared.sandbox import SandboxError, drop_privileges
+        from keysealer.shared.errors import SandboxError
+        from keysealer.shared.sandbox import drop_privileges
 
         drop_privileges(None)
         drop_privileges(PARAMS["me"])

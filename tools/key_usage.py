@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keysealer.shared.etcd_reader import EtcdError, EtcdOptions, scan_prefix
-from keysealer.shared.process import EXIT_FAILURE, EXIT_OK, UsageError
+from keysealer.shared.errors import EtcdError, UsageError
+from keysealer.shared.etcd_reader import EtcdOptions, scan_prefix
+from keysealer.shared.process import EXIT_FAILURE, EXIT_OK
 from keysealer.shared.stored_values import EncryptedSeed, ValueKind, classify, resource_of
 
 SAMPLE_KEYS = 5  # etcd keys kept per seed (and of unparsable values) to name in a report
@@ -149,7 +150,7 @@ def usage_command(etcd: EtcdOptions, prefix: str, *, config: Path | None, json_o
     report = scan(etcd, prefix)
     states = None
     if config is not None:
-        from keysealer.hsm_broker.keys_cli import key_states  # loads PKCS #11 only when asked
+        from keysealer.tools.keys_cli import key_states  # loads PKCS #11 only when asked
 
         states = key_states(config)
     failures: list[dict[str, Any]] | None = None
@@ -180,7 +181,7 @@ def _seed_count(report: UsageReport, provider: str | None) -> int:
 
 
 def _verify(report: UsageReport, socket: Path, provider: str | None) -> list[dict[str, Any]]:
-    from keysealer.frontend.seed_verify import failed_seeds  # loads gRPC only when asked
+    from keysealer.tools.seed_verify import failed_seeds  # loads gRPC only when asked
 
     failed = failed_seeds(socket, [seed for _, seed, _ in _seeds(report, provider)], VERIFY_TIMEOUT)
     return [{"provider": name, "key_id": seed.key_id, "objects": usage.objects, "error": failed[seed],

@@ -4,8 +4,9 @@
 import argparse
 from pathlib import Path
 
+from keysealer.shared.errors import UsageError
 from keysealer.shared.etcd_reader import DEFAULT_PAGE_SIZE, EtcdOptions  # standard library only
-from keysealer.shared.process import EXIT_OK, ArgumentParser, UsageError, run_main
+from keysealer.shared.process import EXIT_OK, ArgumentParser, run_main
 
 PROGRAM = "keysealer"
 DEFAULT_STATE_DIR = Path(".keysealer")
@@ -102,7 +103,7 @@ def _etcd_options(args: argparse.Namespace) -> EtcdOptions | None:
 def _run() -> int:
     args = _parser().parse_args()
     if args.command == "dev":
-        from keysealer.shared.dev import run_dev
+        from keysealer.tools.dev import run_dev
 
         return run_dev(args.state_dir)
     if args.command == "ipc-keygen":
@@ -112,22 +113,22 @@ def _run() -> int:
         print(f"public key (share it): {public}\nsecret key (0600, keep it): {secret}")
         return EXIT_OK
     if args.command == "status":
-        from keysealer.frontend.status_cli import print_status
+        from keysealer.tools.status_cli import print_status
 
         return print_status(args.socket, args.timeout, args.liveness)
     if args.command == "doctor":
-        from keysealer.hsm_broker.doctor import run_doctor
+        from keysealer.tools.doctor import run_doctor
 
         return run_doctor(args.config, args.frontend_config)
     if args.command == "keys" and args.keys_command == "usage":
-        from keysealer.shared.key_usage import usage_command
+        from keysealer.tools.key_usage import usage_command
 
         etcd = _etcd_options(args)
         if etcd is None or (args.verify and args.socket is None):
             raise UsageError("keys usage needs --etcd-endpoints, and --verify needs --socket")
         return usage_command(etcd, args.prefix, config=args.config, json_output=args.json,
                              verify_socket=args.socket if args.verify else None, provider=args.provider)
-    from keysealer.hsm_broker import keys_cli
+    from keysealer.tools import keys_cli
 
     if args.keys_command == "create":
         return keys_cli.create_key(args.config, args.label, args.if_missing, args.mechanism)

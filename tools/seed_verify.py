@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
-from keysealer.frontend.status_cli import fetch_status
-from keysealer.shared.process import FatalError, UsageError
+from keysealer.shared.errors import FatalError, UsageError
 from keysealer.shared.stored_values import EncryptedSeed
+from keysealer.tools.status_cli import fetch_status
 
 UID = "keysealer-keys-usage-verify"  # shows in the plugin's logs as the caller
 

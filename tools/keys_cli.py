@@ -25,9 +25,7 @@ from keysealer.hsm_broker.key_naming import (
 from keysealer.hsm_broker.mechanisms import BY_NAME, MECHANISMS, KeyMechanism, ckm_names, offered_by
 from keysealer.hsm_broker.pin import read_pin, read_pin_file
 from keysealer.hsm_broker.token import (
-    BadPin,
     TokenKey,
-    TokenUnavailable,
     error_name,
     find_keys,
     find_slot,
@@ -36,9 +34,10 @@ from keysealer.hsm_broker.token import (
     open_user_session,
 )
 from keysealer.shared.ciphertext import Mechanism, header_for
+from keysealer.shared.errors import FatalError, TokenUnavailable, UsageError
 from keysealer.shared.etcd_reader import EtcdOptions
-from keysealer.shared.key_usage import resources_line, scan
-from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, FatalError, UsageError
+from keysealer.shared.process import EXIT_OK
+from keysealer.tools.key_usage import resources_line, scan
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,9 @@ class _OpenToken:
     offered: set[int]  # the CKM_* mechanisms the token offers
 
 
-def _unavailable(exc: TokenUnavailable) -> FatalError:
+def _unavailable(exc: TokenUnavailable) -> UsageError | FatalError:
     # ckr -1: the module did not load at all, so token.module is not a PKCS #11 library: fix the config.
-    return FatalError(exc.reason, EXIT_USAGE if exc.ckr == -1 else EXIT_FAILURE)
+    return UsageError(exc.reason) if exc.ckr == -1 else FatalError(exc.reason)
 
 
 @contextlib.contextmanager
@@ -60,8 +59,6 @@ def _user_session(config: BrokerConfig) -> Iterator[_OpenToken]:
         slot = find_slot(lib, config.token)
         session = open_user_session(lib, slot, pin, rw=True)
         offered = offered_mechanisms(lib, slot)
-    except BadPin as exc:
-        raise FatalError(str(exc), EXIT_BAD_PIN) from None
     except TokenUnavailable as exc:
         raise _unavailable(exc) from None
     finally:

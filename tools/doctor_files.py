@@ -7,11 +7,10 @@ import pwd
 import stat
 from pathlib import Path
 
-from keysealer.hsm_broker.doctor_findings import Outcome, failed, passed, warned
-from keysealer.shared.bounded_files import FileRefused
+from keysealer.shared.errors import FileRefused, UnusableFile, UsageError
 from keysealer.shared.ipc_keys import load_public_key
-from keysealer.shared.process import FatalError, UsageError
 from keysealer.shared.socket_path import group_id
+from keysealer.tools.doctor_findings import Outcome, failed, passed, warned
 
 # The broker creates its socket directory with this mode (supervisor.py) and keeps it there.
 SOCKET_DIR_MODE = 0o750
@@ -69,7 +68,7 @@ def public_keys(paths: list[Path], what: str) -> Outcome:
     for path in paths:
         try:
             load_public_key(path)
-        except (FileRefused, FatalError) as exc:
+        except (FileRefused, UnusableFile) as exc:
             return failed(str(exc), f"put {what} there: the NAME.key file `keysealer ipc-keygen` wrote")
     return passed(", ".join(str(p) for p in paths))
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import grpc
 
 from keysealer.frontend.kmsv2 import api_pb2, api_pb2_grpc
-from keysealer.shared.process import EXIT_FAILURE, EXIT_OK, FatalError, UsageError
+from keysealer.shared.errors import FatalError, UsageError
+from keysealer.shared.process import EXIT_FAILURE, EXIT_OK
 
 MAX_TIMEOUT_SECONDS = 3600.0
 

@@ -13,16 +13,13 @@ from typing import Any
 import PyKCS11
 
 from keysealer.hsm_broker.config import BrokerConfig
-from keysealer.hsm_broker.doctor_findings import Check, Outcome, failed, passed, warned
 from keysealer.hsm_broker.key_naming import current_version, newest_with_label, version_state
 from keysealer.hsm_broker.mechanisms import MECHANISMS, ckm_names, offered_by
 from keysealer.hsm_broker.pin import pin_path, read_pin
 from keysealer.hsm_broker.token import (
     SELF_TEST_BYTES,
-    BadPin,
     Token,
     TokenKey,
-    TokenUnavailable,
     error_name,
     find_keys,
     find_slot,
@@ -31,8 +28,8 @@ from keysealer.hsm_broker.token import (
     open_user_session,
 )
 from keysealer.hsm_broker.token import log as token_log
-from keysealer.shared.errors import KeySealerError
-from keysealer.shared.process import FatalError
+from keysealer.shared.errors import BadPin, KeySealerError, TokenUnavailable, UnusableFile
+from keysealer.tools.doctor_findings import Check, Outcome, failed, passed, warned
 
 _TOKEN_FLAGS = (
     (PyKCS11.CKF_TOKEN_INITIALIZED, "initialized"), (PyKCS11.CKF_LOGIN_REQUIRED, "login required"),
@@ -190,7 +187,7 @@ class TokenCheckup:
                           f"{self._config_path} once (a good login resets the count)")
         try:
             pin = read_pin(self._config.token.pin_file)
-        except FatalError as exc:
+        except UnusableFile as exc:
             return failed(str(exc), fix)
         try:
             self._session = open_user_session(self._lib, self._slot, pin)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from keysealer.shared.errors import FatalError, UsageError
 from keysealer.shared.ipc_keys import PUBLIC_SUFFIX, SECRET_SUFFIX, generate
-from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, EXIT_USAGE, FatalError, UsageError
+from keysealer.shared.process import EXIT_BAD_PIN, EXIT_OK, EXIT_USAGE, error_for_exit_code
 from keysealer.shared.safe_paths import check_tree, open_own_directory
 from keysealer.shared.sandbox import STAY_ROOT
 
@@ -143,11 +144,11 @@ def _write_once(path: Path, content: str) -> None:
 
 
 def _keysealer(*args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "keysealer.shared.cli", *args],
+    result = subprocess.run([sys.executable, "-m", "keysealer.tools.cli", *args],
                             capture_output=True, text=True, check=False)
     if result.returncode != EXIT_OK:
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise FatalError(f"keysealer {' '.join(args[:2])} failed: {detail}", result.returncode)
+        raise error_for_exit_code(result.returncode, f"keysealer {' '.join(args[:2])} failed: {detail}")
 
 
 @dataclass
@@ -210,7 +211,7 @@ def _keep_running(child: Child) -> None:
     if code is None:
         return
     if code in NO_RESTART_EXITS:
-        raise FatalError(f"{child.name} exited with code {code}; not restarting it", code)
+        raise error_for_exit_code(code, f"{child.name} exited with code {code}; not restarting it")
     now = time.monotonic()
     if child.restart_at == 0.0:
         print(f"keysealer dev: {child.name} exited with code {code}; restarting", file=sys.stderr, flush=True)
@@ -222,7 +223,7 @@ def _keep_running(child: Child) -> None:
 
 
 def _announce_when_ready(layout: DevLayout, stopping: Callable[[], bool]) -> None:
-    from keysealer.frontend.status_cli import fetch_status
+    from keysealer.tools.status_cli import fetch_status
 
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     healthz = "not started"

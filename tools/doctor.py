@@ -11,7 +11,9 @@ from pathlib import Path
 
 from keysealer.frontend.config import load_frontend_config
 from keysealer.hsm_broker.config import load_broker_config
-from keysealer.hsm_broker.doctor_files import (
+from keysealer.hsm_broker.pin import pin_path
+from keysealer.shared.process import EXIT_FAILURE, EXIT_OK
+from keysealer.tools.doctor_files import (
     account_uid,
     broker_socket_dir,
     config_file,
@@ -20,10 +22,8 @@ from keysealer.hsm_broker.doctor_files import (
     same_socket,
     secret_file,
 )
-from keysealer.hsm_broker.doctor_findings import Check, Verdict, render, run_checks
-from keysealer.hsm_broker.doctor_token import TokenCheckup
-from keysealer.hsm_broker.pin import pin_path
-from keysealer.shared.process import EXIT_FAILURE, EXIT_OK
+from keysealer.tools.doctor_findings import Check, Verdict, render, run_checks
+from keysealer.tools.doctor_token import TokenCheckup
 
 
 def run_doctor(config_path: Path, frontend_config_path: Path | None) -> int:
