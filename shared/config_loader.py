@@ -14,6 +14,7 @@ import yaml
 from keysealer.shared.bounded_files import read_bounded_text
 from keysealer.shared.errors import ConfigError, FileRefused
 from keysealer.shared.log_text import printable
+from keysealer.shared.safe_paths import check_file_root_reads
 
 T = TypeVar("T")
 # Far above any real config (a few hundred bytes); parsing stays well under a second.
@@ -24,6 +25,9 @@ MAX_CONFIG_DEPTH = 16
 
 
 def load_config(path: Path, schema: type[T]) -> T:
+    # A config names users to become, modules to load and keys to trust: root reads none that anyone else
+    # could change.
+    check_file_root_reads(path, "config")
     try:
         text = read_bounded_text(path, "config", MAX_CONFIG_BYTES)
     except FileRefused as exc:
