@@ -6,7 +6,9 @@ from pathlib import Path
 
 from keysealer.shared.config_loader import bounded, load_config
 from keysealer.shared.errors import ConfigError
+from keysealer.shared.ipc_schema import MAX_WORKERS_REPORTED
 from keysealer.shared.safe_paths import socket_path_problem
+from keysealer.shared.socket_path import worker_socket_path
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,11 @@ def load_frontend_config(path: Path) -> FrontendConfig:
         raise ConfigError(f"{path}: listen.group: required when listen.mode is 0660")
     if config.metrics.socket is not None and config.metrics.port is not None:
         raise ConfigError(f"{path}: metrics: set socket or port, not both")
-    sockets = {"listen.socket": config.listen.socket, "broker.socket": config.broker.socket,
-               "metrics.socket": config.metrics.socket}
-    for name, socket in sockets.items():
+    # The workers' sockets sit next to the broker's, their names longer by a slot number.
+    last_worker = worker_socket_path(config.broker.socket, MAX_WORKERS_REPORTED - 1)
+    sockets = [("listen.socket", config.listen.socket), ("broker.socket", config.broker.socket),
+               ("broker.socket", last_worker), ("metrics.socket", config.metrics.socket)]
+    for name, socket in sockets:
         problem = None if socket is None else socket_path_problem(socket)
         if problem:
             raise ConfigError(f"{path}: {name}: {problem}")

@@ -29,7 +29,8 @@ KEY_REFRESH_MIN_SECONDS = 1.0
 class HealthSource(Protocol):
     """What the key set needs of the broker client."""
 
-    connected: bool
+    @property
+    def connected(self) -> bool: ...
 
     async def health(self, timeout: float) -> HealthResult: ...
 

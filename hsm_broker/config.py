@@ -6,6 +6,7 @@ from pathlib import Path
 
 from keysealer.shared.config_loader import bounded, load_config
 from keysealer.shared.safe_paths import check_file_root_reads, socket_path_problem
+from keysealer.shared.socket_path import worker_socket_path
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def _validate(config: BrokerConfig, path: Path) -> None:
         raise ConfigError(f"{path}: keys.current_label: must not be empty")
     if not config.keys.current_label.isprintable():
         raise ConfigError(f"{path}: keys.current_label: must hold printable characters only")
-    problem = socket_path_problem(config.ipc.socket) or socket_path_problem(config.ipc.worker_socket)
+    problem = (socket_path_problem(config.ipc.socket) or socket_path_problem(config.ipc.worker_socket)
+               or socket_path_problem(worker_socket_path(config.ipc.socket, config.workers.count - 1)))
     if problem:
         raise ConfigError(f"{path}: ipc.socket: {problem}")
     if not config.ipc.client_keys:

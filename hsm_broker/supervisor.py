@@ -1,9 +1,10 @@
-"""The broker supervisor: terminates the frontend's IPC connection and balances requests over workers.
+"""The broker supervisor: binds the broker's sockets, runs the workers, and answers health.
 
-It never loads PKCS #11. It validates every frame against the schema (the broker's monitor), answers
-health itself from the workers' reports, queues wrap/unwrap for idle workers (ZeroMQ's load-balancing
-pattern: a worker is idle until it is handed a request, and again once it replied), and replaces workers
-that die.
+It never loads PKCS #11 and no request passes through it (docs/architecture.md, "Request path"). It binds
+the frontend-facing sockets before it drops privileges and locks down: its own (health only) and one per
+worker slot, which it holds across worker restarts and hands to each new worker at the fork. It forks and
+replaces workers, kills a worker that overruns a call (seen on the call board, not in messages), decides
+the one key every wrap uses once every ready worker knows it, and tells the workers.
 """
 
 import contextlib
@@ -12,28 +13,31 @@ import os
 import pwd
 import resource
 import signal
+import socket
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from keysealer.hsm_broker import worker_protocol
+from keysealer.hsm_broker.call_board import CallBoard
 from keysealer.hsm_broker.config import BrokerConfig
-from keysealer.hsm_broker.ipc_auth import ZAP_DOMAIN, ZAP_ENDPOINT, PeerPolicy, zap_reply
+from keysealer.hsm_broker.ipc_auth import ZAP_ENDPOINT, PeerPolicy, zap_reply
+from keysealer.hsm_broker.listener import BACKLOG, SEND_HWM, WorkerSeat, secure_listener
 from keysealer.hsm_broker.rate_limit import RateLimit
-from keysealer.hsm_broker.worker_protocol import ProtocolViolation, WorkerReply, WorkerStatus, worker_routing_id
+from keysealer.hsm_broker.worker_protocol import ProtocolViolation, WorkerStatus, worker_routing_id
 from keysealer.shared import ipc_schema
-from keysealer.shared.broker_stats import BrokerStats, TokenStats, microseconds
+from keysealer.shared.broker_stats import BrokerStats, TokenStats
 from keysealer.shared.errors import ErrorCode, SandboxError, UsageError
-from keysealer.shared.ipc_keys import load_keypair, load_public_key
-from keysealer.shared.ipc_schema import WorkerState
+from keysealer.shared.ipc_keys import KeyPair, load_keypair, load_public_key
+from keysealer.shared.ipc_schema import MAX_COUNT, WorkerState
 from keysealer.shared.open_files import raise_open_file_limit
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, error_for_exit_code
 from keysealer.shared.safe_paths import SocketDirectory, owner_of_created, prepare_directory, service_account
 from keysealer.shared.sandbox import become_configured_user, lock_down, require_user_if_root
+from keysealer.shared.socket_path import worker_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -49,39 +53,21 @@ STUCK_GRACE_SECONDS = 5.0
 # Exit codes after which restarting a worker cannot help and could lock the token.
 FATAL_WORKER_EXITS = frozenset({EXIT_BAD_PIN, EXIT_USAGE})
 STARTING = worker_protocol.WorkerStatus(WorkerState.STARTING, "starting", "", ())
-# Denial-of-service bounds on the frontend socket (figures and reasons: docs/reliability.md).
-# A peer that connects and never completes the CURVE handshake is dropped after this long, so idle
-# connections cannot pile up (libzmq's default is 30 s).
-HANDSHAKE_MS = 5_000
-# Messages ZeroMQ queues per peer and direction. Beyond it, replies to a peer that does not read are
-# dropped (ROUTER) and a peer sending faster than we read is held back: memory per peer is bounded by
-# this times the largest reply. The frontend's I/O thread reads replies as they come, so its own
-# traffic never nears it.
-FRONT_HWM = 256
-# Health is answered at once, outside the queue; this many per second, in bursts up to the same number,
-# are answered in full (the frontend needs about one a second), the rest get a short `busy`.
+# Health is answered at once; this many per second, in bursts up to the same number, are answered in full
+# (the frontend needs about one a second), the rest get a short `busy`.
 HEALTH_PER_SECOND = 50
 
 
 @dataclass
-class Job:
-    client: bytes
-    frame: bytes
-    request_id: int
-    op: ipc_schema.Op
-    expires: float
-    retried: bool = False
-
-
-@dataclass
 class WorkerSlot:
+    index: int
+    listener: socket.socket | None = None  # the frontend's way to this slot's worker, whoever it is now
     pid: int = 0
     started: float = 0.0
     restart_delay: float = RESTART_FIRST_SECONDS
     restart_at: float = 0.0
     status: WorkerStatus = STARTING
-    job: Job | None = None
-    busy_since: float = 0.0  # when it was handed its job
+    told_key: str | None = None  # the wrap key this worker was last told (None: nothing yet)
     killed: bool = False
 
     @property
@@ -95,7 +81,6 @@ class WorkerMessageKind:
 
     decode: Callable[[list[bytes]], Any]  # raises ProtocolViolation
     handle: Callable[[WorkerSlot, Any], None]
-    while_serving: bool  # only from a worker holding a request (else: any time)
 
 
 @dataclass
@@ -103,11 +88,11 @@ class Supervisor:
     config: BrokerConfig
     _stopping: bool = False
     _exit_code: int = EXIT_OK
-    _idle: deque[bytes] = field(default_factory=deque)
-    _queue: deque[Job] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
-        self._slots = [WorkerSlot() for _ in range(self.config.workers.count)]
+        self._slots = [WorkerSlot(index) for index in range(self.config.workers.count)]
+        self._board = CallBoard(len(self._slots))  # before any fork: every worker shares it
+        self._server: KeyPair | None = None
         self._context = zmq.Context()
         self._front = self._context.socket(zmq.ROUTER)
         self._back = self._context.socket(zmq.ROUTER)
@@ -119,16 +104,13 @@ class Supervisor:
         self._pending_control: list[bytes] = []
         self._health_limit = RateLimit(HEALTH_PER_SECOND)
         # The broker's measurements since it started: workers' tallies added up (so they outlive the
-        # worker that counted them), and the time workers spent on finished jobs.
+        # worker that counted them), and the busy time of workers that exited.
         self._token_stats = TokenStats()
-        self._busy_us = 0
+        self._busy_us_before = 0
         self._by_routing_id: dict[bytes, WorkerSlot] = {}  # live workers
         self._worker_messages = {
-            worker_protocol.STATUS: WorkerMessageKind(worker_protocol.decode_status, self._on_status, False),
-            worker_protocol.STATS: WorkerMessageKind(worker_protocol.decode_stats, self._on_stats, False),
-            worker_protocol.REPLY: WorkerMessageKind(worker_protocol.decode_reply, self._on_reply, True),
-            worker_protocol.RETURN_JOB: WorkerMessageKind(worker_protocol.decode_return_job, self._on_return_job,
-                                                          True),
+            worker_protocol.STATUS: WorkerMessageKind(worker_protocol.decode_status, self._on_status),
+            worker_protocol.STATS: WorkerMessageKind(worker_protocol.decode_stats, self._on_stats),
         }
         self._backend = f"ipc://{self.config.ipc.worker_socket}"
 
@@ -165,28 +147,29 @@ class Supervisor:
         self._dirs = [SocketDirectory(socket_path.parent, socket_dir), SocketDirectory(worker_socket.parent,
                                                                                        worker_dir)]
         front_dir, back_dir = self._dirs
-        front_dir.claim(socket_path.name)
+        slot_names = [worker_socket_path(socket_path, slot.index).name for slot in self._slots]
+        for name in (socket_path.name, *slot_names):
+            front_dir.claim(name)
         back_dir.claim(worker_socket.name)
         # Only our own workers (socket 0600 in a 0700 directory) speak on the back socket: no bound needed.
         self._back.setsockopt(zmq.RCVHWM, 100_000)
         self._back.setsockopt(zmq.SNDHWM, 100_000)
-        self._front.setsockopt(zmq.RCVHWM, FRONT_HWM)
-        self._front.setsockopt(zmq.SNDHWM, FRONT_HWM)
-        self._front.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-        for sock in (self._front, self._back):
-            sock.setsockopt(zmq.LINGER, 0)
-        # A peer sending a frame larger than the schema allows is disconnected by ZeroMQ itself.
-        self._front.setsockopt(zmq.MAXMSGSIZE, ipc_schema.zmq_max_msgsize(ipc_schema.MAX_REQUEST_FRAME))
+        self._back.setsockopt(zmq.LINGER, 0)
         # Every connection is authenticated (CURVE key and peer uid) by zap_reply before any message.
         self._zap.bind(ZAP_ENDPOINT)
-        server = load_keypair(self.config.ipc.server_key)
-        self._front.curve_server = True
-        self._front.curve_publickey = server.public
-        self._front.curve_secretkey = server.secret
-        self._front.zap_domain = ZAP_DOMAIN
+        self._server = load_keypair(self.config.ipc.server_key)
+        secure_listener(self._front, self._server, SEND_HWM)
         with front_dir.creating(socket_path.name, 0o660, owner) as path:
             self._front.bind(f"ipc://{path}")
         self._bound.append((front_dir, socket_path.name))
+        # Each worker slot's socket is bound and listened on here, with the same owner and mode, and kept
+        # across worker restarts: a new worker takes it over (ZMQ_USE_FD) without any bind of its own.
+        for slot, name in zip(self._slots, slot_names, strict=True):
+            slot.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with front_dir.creating(name, 0o660, owner) as path:
+                slot.listener.bind(path)
+            slot.listener.listen(BACKLOG)
+            self._bound.append((front_dir, name))
         with back_dir.creating(worker_socket.name, 0o600, worker_owner) as path:
             self._back.bind(f"ipc://{path}")
         self._bound.append((back_dir, worker_socket.name))
@@ -218,7 +201,6 @@ class Supervisor:
             self._kill_stuck_workers()
             self._reap_workers()
             self._send_control()
-            self._dispatch()
 
     def _request_stop(self, signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -237,6 +219,9 @@ class Supervisor:
                 _signal(slot.pid, signal.SIGKILL)
                 os.waitpid(slot.pid, 0)
         self._context.destroy(linger=0)
+        for slot in self._slots:
+            if slot.listener is not None:
+                slot.listener.close()
         for directory, name in self._bound:  # only ours: never a socket another live broker serves
             directory.remove(name)
         for directory in self._dirs:
@@ -257,18 +242,25 @@ class Supervisor:
 
     def _fork_worker(self, slot: WorkerSlot) -> None:
         supervisor_pid = os.getpid()
+        assert slot.listener is not None and self._server is not None  # bound before any fork
+        self._board.clear(slot.index)
+        seat = WorkerSeat(slot.index, slot.listener.fileno(), str(worker_socket_path(self.config.ipc.socket,
+                                                                                     slot.index)),
+                          self._server, self._policy, self._board)
         pid = os.fork()
         if pid == 0:
             code = EXIT_FAILURE
             try:
-                # The supervisor's listening sockets and ZeroMQ's internal descriptors are not the
+                # The supervisor's other listening sockets and ZeroMQ's internal descriptors are not the
                 # worker's to hold (a worker holding broker.sock's listener would keep it accepting
-                # connections nobody serves); the worker opens what it needs itself.
-                os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                # connections nobody serves); the worker keeps its own slot's listener only.
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                os.closerange(3, seat.listener_fd)
+                os.closerange(seat.listener_fd + 1, limit)
                 # Imported only here, in the child: the supervisor itself never loads PyKCS11.
                 from keysealer.hsm_broker.worker import worker_main
 
-                code = worker_main(self.config, self._backend, supervisor_pid)
+                code = worker_main(self.config, self._backend, supervisor_pid, seat)
             except BaseException:
                 log.exception("worker crashed")
             finally:
@@ -278,22 +270,22 @@ class Supervisor:
 
     def _adopt(self, slot: WorkerSlot, pid: int) -> None:
         """From now on, `slot` is the process `pid`: what arrives under its routing id is its message."""
-        slot.pid, slot.started, slot.status, slot.job, slot.killed = pid, time.monotonic(), STARTING, None, False
+        slot.pid, slot.started, slot.status, slot.told_key, slot.killed = pid, time.monotonic(), STARTING, None, False
         self._by_routing_id[slot.routing_id] = slot
 
     def _kill_stuck_workers(self) -> None:
         now = time.monotonic()
         for slot in self._slots:
-            if slot.pid and slot.job and not slot.killed and now > slot.job.expires + STUCK_GRACE_SECONDS:
-                self._kill(slot, f"held a call {now - slot.job.expires:.0f}s past its deadline")
+            overrun = self._board.overrun(slot.index, now) if slot.pid and not slot.killed else 0.0
+            if overrun > STUCK_GRACE_SECONDS:
+                self._kill(slot, f"held a call {overrun:.0f}s past its deadline")
 
     def _kill(self, slot: WorkerSlot, why: str) -> None:
-        """SIGKILL a worker that cannot be trusted to go on; reaping it retries its call and replaces it."""
+        """SIGKILL a worker that cannot be trusted to go on. Its connections close with it, so the frontend
+        runs its calls again on another worker; reaping it starts a new one."""
         log.warning("worker %d %s: killing it", slot.pid, why)
         _signal(slot.pid, signal.SIGKILL)
         slot.killed = True
-        if slot.routing_id in self._idle:
-            self._idle.remove(slot.routing_id)
 
     def _reap_workers(self, restart: bool = True) -> None:
         while True:
@@ -312,13 +304,11 @@ class Supervisor:
         if fatal:
             self._drain(self._back, self._on_worker_message)  # collect its last report, if any
         routing_id = slot.routing_id
-        if routing_id in self._idle:
-            self._idle.remove(routing_id)
         del self._by_routing_id[routing_id]
-        job, slot.pid = self._take_job(slot), 0
+        slot.pid = 0
+        self._busy_us_before += self._board.busy_us(slot.index, time.monotonic())
+        self._board.clear(slot.index)
         self._refresh_current_key()
-        if job is not None:
-            self._retry_or_fail(job, ErrorCode.WORKER_LOST, "broker worker exited during the call")
         if not restart:
             return
         if fatal:
@@ -338,6 +328,12 @@ class Supervisor:
             routing_id = self._pending_control.pop()
             if routing_id in self._by_routing_id:
                 self._back.send_multipart([routing_id, worker_protocol.REFRESH_KEYS])
+        # Every ready worker wraps with the agreed key; a worker starts serving when first told it.
+        for slot in self._slots:
+            if slot.pid and not slot.killed and slot.status.state is WorkerState.READY \
+                    and slot.told_key != self._current_key_id:
+                self._back.send_multipart([slot.routing_id, *worker_protocol.encode_use_key(self._current_key_id)])
+                slot.told_key = self._current_key_id
 
     def _refresh_current_key(self) -> None:
         self._current_key_id = worker_protocol.agreed_current_key([s.status for s in self._slots if s.pid])
@@ -348,14 +344,6 @@ class Supervisor:
             if slot.pid:
                 self._pending_control.append(slot.routing_id)
 
-    def _retry_or_fail(self, job: Job, code: ErrorCode, message: str) -> None:
-        # Wrap and unwrap are idempotent, so a request its worker did not finish is safe to run again once.
-        if not job.retried and time.monotonic() < job.expires:
-            job.retried = True
-            self._queue.appendleft(job)
-        else:
-            self._reply_error(job.client, job.request_id, job.op, code, message)
-
     def _on_worker_message(self, frames: list[bytes]) -> None:
         routing_id, *message = frames
         slot = self._by_routing_id.get(routing_id)
@@ -365,18 +353,10 @@ class Supervisor:
             kind = self._worker_messages.get(message[0]) if message else None
             if kind is None:
                 raise ProtocolViolation("unknown message kind")
-            if kind.while_serving and slot.job is None:
-                raise ProtocolViolation(f"{message[0]!r} while holding no request")
             kind.handle(slot, kind.decode(message))
         except ProtocolViolation as exc:
             # A broken or subverted worker: never trust what else it says, never let it stop the broker.
             self._kill(slot, f"broke the worker protocol ({exc})")
-            return
-        ready = slot.status.state is WorkerState.READY and slot.job is None
-        if ready and routing_id not in self._idle:
-            self._idle.append(routing_id)
-        elif not ready and routing_id in self._idle:
-            self._idle.remove(routing_id)
 
     def _on_status(self, slot: WorkerSlot, status: WorkerStatus) -> None:
         slot.status = status
@@ -384,19 +364,6 @@ class Supervisor:
 
     def _on_stats(self, _slot: WorkerSlot, stats: TokenStats) -> None:
         self._token_stats.add(stats)
-
-    def _on_reply(self, slot: WorkerSlot, reply: WorkerReply) -> None:
-        job = slot.job
-        assert job is not None  # the table admits a reply only from a worker holding a request
-        if (reply.client, reply.request_id, reply.op) != (job.client, job.request_id, job.op):
-            raise ProtocolViolation("reply does not answer the request it holds")
-        self._front.send_multipart([reply.client, reply.frame])
-        self._take_job(slot)
-
-    def _on_return_job(self, slot: WorkerSlot, _nothing: None) -> None:
-        job = self._take_job(slot)
-        assert job is not None
-        self._retry_or_fail(job, ErrorCode.TOKEN_UNAVAILABLE, "broker worker lost the token")
 
     # -- clients -------------------------------------------------------------------------------------
 
@@ -407,52 +374,17 @@ class Supervisor:
         if len(frames) != 2:
             return  # not a DEALER-framed request: nothing to answer
         client, frame = frames
-        try:
-            request = ipc_schema.decode_request(frame)
-        except ipc_schema.SchemaError as exc:
-            if exc.request_id is not None and exc.op is not None:
-                self._reply_error(client, exc.request_id, exc.op, ErrorCode.INVALID_REQUEST, str(exc))
-            return  # without an id and an operation there is nobody to answer
-        op = request.op
-        if op is ipc_schema.Op.HEALTH:
-            # Not queued, so bounded here: a peer asking in a loop gets short refusals, not full reports.
-            if not self._health_limit.allow():
-                self._reply_error(client, request.id, op, ErrorCode.BUSY, "too many health requests")
-                return
-            self._front.send_multipart([client, ipc_schema.encode_reply(self._health(request.id), op)])
+        request = ipc_schema.admit_request(frame, ipc_schema.Endpoint.SUPERVISOR)
+        if isinstance(request, ipc_schema.Refusal):
+            if request.reply is not None:
+                self._front.send_multipart([client, request.reply])
             return
-        if not any(slot.status.state is WorkerState.READY for slot in self._slots):
-            self._reply_error(client, request.id, op, ErrorCode.TOKEN_UNAVAILABLE, self._not_ready_reason())
-            return
-        if op is ipc_schema.Op.WRAP and not self._current_key_id:
-            self._reply_error(client, request.id, op, ErrorCode.TOKEN_UNAVAILABLE,
-                              f"no usable key labelled {self.config.keys.current_label!r}")
-            return
-        if len(self._queue) >= self.config.workers.queue_limit:
-            self._reply_error(client, request.id, op, ErrorCode.BUSY, "broker queue full")
-            return
-        expires = time.monotonic() + request.ttl_ms / 1000
-        self._queue.append(Job(client, frame, request.id, op, expires))
-
-    def _dispatch(self) -> None:
-        now = time.monotonic()
-        while self._idle and self._queue:
-            job = self._queue.popleft()
-            if now >= job.expires:
-                continue  # its caller gave up already; the token's time is better spent elsewhere
-            routing_id = self._idle.popleft()
-            slot = self._by_routing_id[routing_id]
-            slot.job, slot.busy_since = job, now
-            # Every wrap uses the agreed key, whichever worker runs it.
-            self._back.send_multipart([routing_id, *worker_protocol.encode_job(
-                worker_protocol.Job(job.client, job.frame, self._current_key_id))])
-
-    def _take_job(self, slot: WorkerSlot) -> Job | None:
-        """The job a worker no longer serves (answered, handed back, or lost with the worker)."""
-        job, slot.job = slot.job, None
-        if job is not None:
-            self._busy_us += microseconds(time.monotonic() - slot.busy_since)
-        return job
+        # Bounded here: a peer asking in a loop gets short refusals, not full reports.
+        if not self._health_limit.allow():
+            reply: ipc_schema.Reply = ipc_schema.ErrorReply(request.id, ErrorCode.BUSY, "too many health requests")
+        else:
+            reply = self._health(request.id)
+        self._front.send_multipart([client, ipc_schema.encode_reply(reply, request.op)])
 
     def _health(self, request_id: int) -> ipc_schema.HealthResult:
         ready = [s.status for s in self._slots if s.status.state is WorkerState.READY]
@@ -462,20 +394,13 @@ class Supervisor:
 
     def _stats(self) -> BrokerStats:
         now = time.monotonic()
-        busy = [s for s in self._slots if s.job is not None]
-        # Jobs still running count up to now, so the total never goes down when they finish.
-        busy_us = self._busy_us + sum(microseconds(now - s.busy_since) for s in busy)
-        return BrokerStats(self._token_stats, len(busy), len(self._idle), busy_us)
-
-    def _not_ready_reason(self) -> str:
-        reasons = [s.status.reason for s in self._slots
-                   if s.status.state in (WorkerState.FAILED, WorkerState.FATAL) and s.status.reason]
-        return reasons[0] if reasons else "broker starting: no worker has opened the token yet"
-
-    def _reply_error(self, client: bytes, request_id: int, op: ipc_schema.Op, code: ErrorCode,
-                     message: str) -> None:
-        reply = ipc_schema.ErrorReply(request_id, code, message)
-        self._front.send_multipart([client, ipc_schema.encode_reply(reply, op)])
+        live = [s for s in self._slots if s.pid]
+        busy = sum(self._board.busy(s.index) for s in live)
+        idle = sum(s.status.state is WorkerState.READY and not self._board.busy(s.index) for s in live)
+        # Calls still running count up to now, so the total never goes down when they finish. The rows are
+        # written by workers: clamped, so a bad one cannot break the report.
+        busy_us = self._busy_us_before + sum(self._board.busy_us(s.index, now) for s in live)
+        return BrokerStats(self._token_stats, busy, idle, min(busy_us, MAX_COUNT))
 
     @staticmethod
     def _drain(sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:

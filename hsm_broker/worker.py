@@ -1,8 +1,11 @@
-"""A broker worker: owns one token login and session, serves one request at a time.
+"""A broker worker: owns one token login and session, serves one request at a time from its own socket.
 
 Workers are separate processes because PyKCS11 holds the GIL during every PKCS #11 call: threads would
 serialise, and a slow token would stall the supervisor. A crash in the vendor library takes down one
-worker, not the broker.
+worker, not the broker. The frontend sends wraps and unwraps to each worker's socket directly (the
+supervisor bound it and hands it over at the fork); the worker authenticates every connection as the
+supervisor's socket does, decodes every frame strictly before any PKCS #11 call, writes what it is doing
+on the call board (so the supervisor can kill it when stuck) and wraps with the key the supervisor names.
 """
 
 import contextlib
@@ -18,6 +21,8 @@ import zmq
 
 from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
+from keysealer.hsm_broker.ipc_auth import ZAP_ENDPOINT, zap_reply
+from keysealer.hsm_broker.listener import WorkerSeat, secure_listener
 from keysealer.hsm_broker.mechanisms import MECHANISMS
 from keysealer.hsm_broker.pin import read_pin
 from keysealer.hsm_broker.token import SESSION_ERRORS, UNKNOWN_KEY_MESSAGE, Token, TokenKey, open_token
@@ -42,16 +47,26 @@ KEY_REFRESH_SECONDS = 5.0
 UNKNOWN_KEY_REFRESH_SECONDS = 1.0
 # How often a worker sends what it counted: never a message per request.
 STATS_INTERVAL_SECONDS = 1.0
+# Requests read per wake-up before the worker looks at its other sockets again.
+DRAIN_LIMIT = 64
 
 
 class Worker:
-    def __init__(self, config: BrokerConfig, backend: str) -> None:
+    def __init__(self, config: BrokerConfig, backend: str, seat: WorkerSeat) -> None:
         self._config = config
+        self._seat = seat
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.DEALER)
+        self._socket = self._context.socket(zmq.DEALER)  # to the supervisor
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTING_ID, worker_protocol.worker_routing_id(os.getpid()))
         self._socket.connect(backend)
+        self._zap = self._context.socket(zmq.REP)
+        self._zap.bind(ZAP_ENDPOINT)  # before any listener: no connection is ever admitted unchecked
+        self._requests: zmq.Socket[bytes] | None = None  # the frontend's, opened at the first USE_KEY
+        self._poller = zmq.Poller()
+        for sock in (self._socket, self._zap):
+            self._poller.register(sock, zmq.POLLIN)
+        self._wrap_key_id = ""  # the agreed current key, as the supervisor last named it
         self._token: Token | None = None
         self._locked = False
         self._keys_read_at = 0.0
@@ -63,9 +78,9 @@ class Worker:
         self._logged_in_before = False
         self._stats = TokenStats()  # counted since the last tally sent
         self._stats_sent_at = 0.0
-        # The operations a worker performs, each with its handler (health is the supervisor's); the decoder
-        # pairs each operation with its request type.
-        self._operations: dict[ipc_schema.Op, Callable[[Token, Any, str], ipc_schema.Reply]] = {
+        # The operations a worker performs, each with its handler (ipc_schema.ARRIVES_AT admits only these
+        # here); the decoder pairs each operation with its request type.
+        self._operations: dict[ipc_schema.Op, Callable[[Token, Any], ipc_schema.Reply]] = {
             ipc_schema.Op.WRAP: self._wrap, ipc_schema.Op.UNWRAP: self._unwrap}
 
     def run(self) -> int:
@@ -99,8 +114,7 @@ class Worker:
                 self._lock_down_once()
                 self._report_ready()
             try:
-                if self._socket.poll(self._poll_ms()):
-                    self._serve_one()
+                self._serve(self._poll_ms())
                 self._refresh_keys(KEY_REFRESH_SECONDS)
             except BadPin as exc:  # at a module restart for a changed store (token.reinitialize_when_changed)
                 return self._refused_pin(exc)
@@ -124,6 +138,9 @@ class Worker:
     def _last_words(self, reason: str, exit_code: int) -> int:
         """Tell the supervisor why this worker exits, and make sure the message leaves before we do."""
         self._report(WorkerState.FATAL, reason)
+        for sock in (self._zap, self._requests):
+            if sock is not None:
+                sock.close(linger=0)
         self._socket.close(linger=LAST_WORDS_LINGER_MS)
         self._context.term()
         return exit_code
@@ -205,38 +222,80 @@ class Worker:
         self._token = None
 
     def _wait_backoff(self) -> None:
-        """Wait before reopening, answering whatever was handed to us meanwhile: a request the supervisor
-        sent before it learnt we lost the token must get an answer, not wait for our watchdog."""
+        """Wait before reopening, answering whatever comes meanwhile: a request sent before the frontend
+        learnt we lost the token gets a prompt refusal (it runs again on another worker), not a timeout."""
         deadline = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, RETRY_MAX_SECONDS)
         while (remaining := deadline - time.monotonic()) > 0:
-            if self._socket.poll(int(remaining * 1000) + 1):
-                self._serve_one()
+            self._serve(int(remaining * 1000) + 1)
 
-    def _serve_one(self) -> None:
-        frames = self._socket.recv_multipart()
-        if frames[0] == worker_protocol.REFRESH_KEYS and len(frames) == 1:
-            self._refresh_keys(0.0)
+    def _serve(self, timeout_ms: int) -> None:
+        """Wait up to `timeout_ms` for the supervisor, a connection to check, or requests; handle them."""
+        events = dict(self._poller.poll(timeout_ms))
+        if self._socket in events:
+            self._on_control()
+        if self._zap in events:
+            self._zap.send_multipart(zap_reply(self._zap.recv_multipart(), self._seat.policy))
+        if self._requests is not None and self._requests in events:
+            for _ in range(DRAIN_LIMIT):  # bounded: the supervisor's messages must not wait behind a flood
+                try:
+                    frames = self._requests.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._serve_request(self._requests, frames)
+
+    def _on_control(self) -> None:
+        while self._socket.poll(0):
+            # Anything the supervisor sends outside the table is a bug: ProtocolViolation ends this worker.
+            message = worker_protocol.decode_control(self._socket.recv_multipart())
+            if isinstance(message, worker_protocol.RefreshKeys):
+                self._refresh_keys(0.0)
+                continue
+            self._wrap_key_id = message.key_id
+            if self._requests is None:
+                self._open_requests()
+
+    def _open_requests(self) -> None:
+        """Start taking the frontend's connections: only now, so no wrap arrives before we know the key."""
+        sock = self._context.socket(zmq.ROUTER)
+        secure_listener(sock, self._seat.server, self._config.workers.queue_limit)
+        sock.setsockopt(zmq.USE_FD, self._seat.listener_fd)  # the supervisor's listener: no bind() here
+        sock.bind(f"ipc://{self._seat.path}")
+        self._poller.register(sock, zmq.POLLIN)
+        self._requests = sock
+
+    def _serve_request(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return  # not a DEALER-framed request: nothing to answer
+        peer, frame = frames
+        request = ipc_schema.admit_request(frame, ipc_schema.Endpoint.WORKER)
+        if isinstance(request, ipc_schema.Refusal):
+            if request.reply is not None:
+                sock.send_multipart([peer, request.reply])
             return
-        job = worker_protocol.decode_job(frames)  # anything else the supervisor sends is a bug: we exit
+        board, slot = self._seat.board, self._seat.slot
+        started = time.monotonic()
+        board.begin(slot, started, started + request.ttl_ms / 1000)
+        try:
+            reply = self._handle(request)
+        finally:
+            board.end(slot, time.monotonic())
+        sock.send_multipart([peer, ipc_schema.encode_reply(reply, request.op)])
+
+    def _handle(self, request: ipc_schema.Request) -> ipc_schema.Reply:
         token = self._token
-        if token is None:  # handed to us just as we lost the token: someone else can run it
-            self._socket.send(worker_protocol.RETURN_JOB)
-            return
-        request = ipc_schema.decode_request(job.frame)  # the supervisor validated it already
-        reply = self._handle(token, request, job.wrap_key_id)
-        self._socket.send_multipart(worker_protocol.encode_reply(job.client, ipc_schema.encode_reply(reply,
-                                                                                                    request.op)))
+        if token is None:  # the frontend runs it again on another worker
+            return ipc_schema.ErrorReply(request.id, ErrorCode.TOKEN_UNAVAILABLE, "broker worker lost the token")
+        reply = self._perform(token, request)
         if self._token is None:
             self._report(WorkerState.FAILED, "token session lost; reopening")
+        return reply
 
-    def _handle(self, token: Token, request: ipc_schema.Request, wrap_key_id: str) -> ipc_schema.Reply:
-        perform = self._operations.get(request.op)
-        if perform is None:
-            return ipc_schema.ErrorReply(request.id, ErrorCode.INVALID_REQUEST, "not a worker operation")
+    def _perform(self, token: Token, request: ipc_schema.Request) -> ipc_schema.Reply:
+        perform = self._operations[request.op]  # admit_request lets only these through
         try:
             try:
-                reply = perform(token, request, wrap_key_id)
+                reply = perform(token, request)
             except TokenUnavailable as exc:
                 if exc.ckr not in SESSION_ERRORS:
                     raise  # counted where the token is dropped
@@ -244,7 +303,7 @@ class Worker:
                 # Wrap and unwrap are idempotent: once more on a fresh session, still logged in.
                 token.replace_session()
                 self._stats.session_replacements += 1
-                reply = perform(token, request, wrap_key_id)
+                reply = perform(token, request)
         except KeySealerError as exc:
             return ipc_schema.ErrorReply(request.id, exc.code, exc.message)
         except TokenUnavailable as exc:
@@ -253,13 +312,16 @@ class Worker:
         self._backoff = RETRY_FIRST_SECONDS
         return reply
 
-    def _wrap(self, token: Token, request: ipc_schema.WrapRequest, wrap_key_id: str) -> ipc_schema.WrapResult:
-        key = self._key(token, wrap_key_id, ErrorCode.TOKEN_UNAVAILABLE,
+    def _wrap(self, token: Token, request: ipc_schema.WrapRequest) -> ipc_schema.WrapResult:
+        if not self._wrap_key_id:
+            raise KeySealerError(ErrorCode.TOKEN_UNAVAILABLE,
+                                 f"no usable key labelled {self._config.keys.current_label!r}")
+        key = self._key(token, self._wrap_key_id, ErrorCode.TOKEN_UNAVAILABLE,
                         "the agreed current key is not usable in this worker")
         with self._timed(TokenOperation.WRAP, _mechanism_name(key)):
             return ipc_schema.WrapResult(request.id, token.wrap(key, request.plaintext), key.identity.key_id)
 
-    def _unwrap(self, token: Token, request: ipc_schema.UnwrapRequest, _wrap_key_id: str) -> ipc_schema.UnwrapResult:
+    def _unwrap(self, token: Token, request: ipc_schema.UnwrapRequest) -> ipc_schema.UnwrapResult:
         key = self._key(token, request.key_id, ErrorCode.UNKNOWN_KEY, UNKNOWN_KEY_MESSAGE)
         with self._timed(TokenOperation.UNWRAP, _mechanism_name(key)):
             return ipc_schema.UnwrapResult(request.id, token.unwrap(key, request.ciphertext))
@@ -279,13 +341,13 @@ def _mechanism_name(key: TokenKey) -> str:
     return MECHANISMS[key.identity.mechanism].name
 
 
-def worker_main(config: BrokerConfig, backend: str, supervisor_pid: int) -> int:
+def worker_main(config: BrokerConfig, backend: str, supervisor_pid: int, seat: WorkerSeat) -> int:
     """Entry point in a freshly forked child: never returns into the supervisor's code."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # meant for the supervisor (reload), or a closed terminal
     _die_with_parent(supervisor_pid)
-    return Worker(config, backend).run()
+    return Worker(config, backend, seat).run()
 
 
 def _die_with_parent(supervisor_pid: int) -> None:

@@ -1,19 +1,19 @@
 """Messages between the broker's supervisor and its workers (private to the broker): one closed table.
 
-Every message is a ZeroMQ multipart message whose first frame names its kind. Each kind has one strict
-decoder here; the supervisor pairs each worker kind with its handler and with when it may arrive
-(supervisor.py, `_WORKER_MESSAGES`). A frame that is not in the table, or does not decode, is a broken or
-subverted worker: the supervisor kills and replaces it (ProtocolViolation), it never guesses.
+Requests do not pass here: the frontend sends them to each worker's own socket (docs/architecture.md,
+"Request path"). This channel carries what the supervisor needs to supervise. Every message is a ZeroMQ
+multipart message whose first frame names its kind. Each kind has one strict decoder here; the supervisor
+pairs each worker kind with its handler (supervisor.py, `_worker_messages`). A frame that is not in the
+table, or does not decode, is a broken or subverted worker: the supervisor kills and replaces it
+(ProtocolViolation), it never guesses. The worker treats a bad control message the same way: it exits.
 
 Worker -> supervisor:
     [STATUS, packed status]      when its state or key set changes; any time
-    [REPLY, client, reply]       the answer to the request it holds (then it is idle again)
-    [RETURN_JOB]                 "I lost the token before I could start on the request you gave me"
     [STATS, packed tally]        what it counted since its last tally, at most once a second; any time
 Supervisor -> worker:
-    [JOB, client, request, wrap key id]   a request (already validated) and the key every wrap must use,
-                                          chosen by the supervisor so all workers agree
-    [REFRESH_KEYS]                        re-read the token's key set now (SIGHUP)
+    [USE_KEY, key id]            the key every wrap must use, chosen by the supervisor so all workers agree
+                                 ("" while there is none); a worker serves nothing before the first one
+    [REFRESH_KEYS]               re-read the token's key set now (SIGHUP)
 """
 
 from dataclasses import dataclass
@@ -26,10 +26,8 @@ from keysealer.shared.broker_stats import TokenStats
 from keysealer.shared.ipc_schema import MAX_KEY_ID_LEN, MAX_MESSAGE_LEN, WorkerState
 
 STATUS = b"S"
-REPLY = b"R"
-RETURN_JOB = b"B"
 STATS = b"M"
-JOB = b"J"
+USE_KEY = b"U"
 REFRESH_KEYS = b"K"
 # A worker lists every usable key of the token (the health reply keeps the newest 1024): generous, bounded.
 MAX_KEYS_PER_WORKER = 65_536
@@ -55,18 +53,13 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerReply:
-    client: bytes
-    frame: bytes  # passed on to the client as it is, once checked
-    request_id: int
-    op: ipc_schema.Op
+class UseKey:
+    key_id: str
 
 
 @dataclass(frozen=True, slots=True)
-class Job:
-    client: bytes
-    frame: bytes
-    wrap_key_id: str
+class RefreshKeys:
+    pass
 
 
 def _unpack(frame: bytes, limit: int) -> Any:
@@ -108,24 +101,6 @@ def decode_status(frames: list[bytes]) -> WorkerStatus:
     return WorkerStatus(state, reason, current, tuple(key_ids), created)
 
 
-def encode_reply(client: bytes, frame: bytes) -> list[bytes]:
-    return [REPLY, client, frame]
-
-
-def decode_reply(frames: list[bytes]) -> WorkerReply:
-    """Checked by the schema's own reply decoder: the frontend must never get a frame it would refuse."""
-    client, frame = _frames(frames, 3, REPLY)
-    try:
-        reply, op = ipc_schema.decode_reply_and_op(frame)
-    except ipc_schema.SchemaError as exc:
-        raise ProtocolViolation(f"reply breaks the schema: {exc}") from None
-    return WorkerReply(client, frame, reply.id, op)
-
-
-def decode_return_job(frames: list[bytes]) -> None:
-    _frames(frames, 1, RETURN_JOB)
-
-
 def encode_stats(stats: TokenStats) -> list[bytes]:
     return [STATS, msgpack.packb(ipc_schema.token_stats_to_wire(stats), use_bin_type=True)]
 
@@ -139,16 +114,20 @@ def decode_stats(frames: list[bytes]) -> TokenStats:
         raise ProtocolViolation(str(exc)) from None
 
 
-def encode_job(job: Job) -> list[bytes]:
-    return [JOB, job.client, job.frame, job.wrap_key_id.encode()]
+def encode_use_key(key_id: str) -> list[bytes]:
+    return [USE_KEY, key_id.encode()]
 
 
-def decode_job(frames: list[bytes]) -> Job:
-    client, frame, wrap_key_id = _frames(frames, 4, JOB)
-    try:
-        return Job(client, frame, wrap_key_id.decode())
-    except UnicodeDecodeError:
-        raise ProtocolViolation("wrap key id is not text") from None
+def decode_control(frames: list[bytes]) -> UseKey | RefreshKeys:
+    """What the supervisor tells a worker; anything else is a bug in the supervisor, and the worker exits."""
+    if frames == [REFRESH_KEYS]:
+        return RefreshKeys()
+    if len(frames) == 2 and frames[0] == USE_KEY and len(frames[1]) <= MAX_KEY_ID_LEN:
+        try:
+            return UseKey(frames[1].decode())
+        except UnicodeDecodeError:
+            pass
+    raise ProtocolViolation("not a control message")
 
 
 def agreed_current_key(statuses: list[WorkerStatus]) -> str:

@@ -58,6 +58,19 @@ class Op(StrEnum):
     HEALTH = "health"
 
 
+class Endpoint(StrEnum):
+    """The broker's two kinds of socket the frontend speaks to."""
+
+    SUPERVISOR = "the broker's socket"
+    WORKER = "a worker's socket"
+
+
+# Where each operation may arrive (OpenSSH monitor style): wraps and unwraps go to a worker's own socket,
+# health to the supervisor's. A request anywhere else is refused there, never served.
+ARRIVES_AT: dict[Op, Endpoint] = {Op.WRAP: Endpoint.WORKER, Op.UNWRAP: Endpoint.WORKER,
+                                  Op.HEALTH: Endpoint.SUPERVISOR}
+
+
 class WorkerState(StrEnum):
     STARTING = "starting"  # opening the token, logging in
     READY = "ready"  # serving
@@ -247,6 +260,27 @@ def decode_request(frame: bytes) -> Request:
     if op is Op.UNWRAP:
         return UnwrapRequest(request_id, fields["ttl"], fields["ct"], fields["kid"])
     return HealthRequest(request_id, fields["ttl"])
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request not to serve: the error reply to send (None when the frame named no id and operation)."""
+
+    reply: bytes | None
+
+
+def admit_request(frame: bytes, endpoint: Endpoint) -> Request | Refusal:
+    """Decode a request arriving at `endpoint`; a bad frame or one meant for the other endpoint is refused."""
+    try:
+        request = decode_request(frame)
+    except SchemaError as exc:
+        if exc.request_id is None or exc.op is None:
+            return Refusal(None)  # nobody to answer
+        return Refusal(encode_reply(ErrorReply(exc.request_id, ErrorCode.INVALID_REQUEST, str(exc)), exc.op))
+    if ARRIVES_AT[request.op] is not endpoint:
+        message = f"{request.op.value} is served on {ARRIVES_AT[request.op].value}, not on {endpoint.value}"
+        return Refusal(encode_reply(ErrorReply(request.id, ErrorCode.INVALID_REQUEST, message), request.op))
+    return request
 
 
 def encode_request(request: Request) -> bytes:

@@ -4,6 +4,7 @@ import contextlib
 import grp
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from keysealer.shared.errors import UsageError
 
@@ -26,3 +27,8 @@ def umask(mask: int) -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
+
+
+def worker_socket_path(broker_socket: Path, slot: int) -> Path:
+    """Where the frontend reaches worker `slot` directly: next to the broker's socket, same owner and mode."""
+    return broker_socket.with_name(f"{broker_socket.name}.w{slot}")

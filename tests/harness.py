@@ -227,6 +227,20 @@ def child_pids(pid: int) -> list[int]:
 
 
 @contextmanager
+def frozen_broker(plugin: "Plugin") -> Iterator[None]:
+    """SIGSTOP the broker's supervisor and its workers (which take calls themselves), SIGCONT them after."""
+    assert plugin.broker is not None
+    frozen = [plugin.broker.pid, *child_pids(plugin.broker.pid)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+
+
+@contextmanager
 def running_plugin(root: Path | None = None, **config: Any) -> Iterator[Plugin]:
     plugin = Plugin(root or short_tmp_dir())
     plugin.configure(**config)

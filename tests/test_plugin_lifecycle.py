@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import Load, Plugin, child_pids, running_plugin
+from harness import Load, Plugin, child_pids, frozen_broker, running_plugin
 
 from keysealer.shared.process import EXIT_BAD_PIN, EXIT_USAGE
 
@@ -105,15 +105,12 @@ def test_frozen_broker_fails_calls_within_deadline_and_in_flight_bound_refuses_e
         assert plugin.broker is not None
         load = Load(plugin, callers=12)
         time.sleep(0.5)
-        os.kill(plugin.broker.pid, signal.SIGSTOP)
-        try:
+        with frozen_broker(plugin):
             deadline = time.monotonic() + 10
             while plugin.status().healthz == "ok":  # Status keeps answering, and says why
                 assert time.monotonic() < deadline, "Status stayed ok with the broker frozen"
                 time.sleep(0.1)
             assert plugin.status().healthz == "broker not answering"
-        finally:
-            os.kill(plugin.broker.pid, signal.SIGCONT)
         plugin.wait_healthy()
         time.sleep(0.5)
         # Late replies to calls that timed out are discarded: every answer after the thaw is right.
@@ -202,9 +199,8 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(plugin: Plugin)
     seed = os.urandom(32)
     assert plugin.decrypt(plugin.encrypt(seed)) == seed
     deadline = time.monotonic() + 10
-    while len(child_pids(plugin.broker.pid)) < 2 and time.monotonic() < deadline:
+    while (len(replaced := child_pids(plugin.broker.pid)) < 2 or victim in replaced) and time.monotonic() < deadline:
         time.sleep(0.1)
-    replaced = child_pids(plugin.broker.pid)
     assert survivor in replaced and victim not in replaced and len(replaced) == 2
 
 

@@ -3,14 +3,13 @@ line with every caller-supplied string escaped; and an audit and metrics that sa
 
 import json
 import os
-import signal
 import time
 import unicodedata
 from collections.abc import Callable
 
 import grpc
 import pytest
-from harness import Plugin
+from harness import Plugin, frozen_broker
 from test_observability import eventually, metric
 
 from keysealer.frontend.kmsv2 import api_pb2
@@ -85,15 +84,11 @@ def test_a_malformed_protobuf_is_one_bounded_audit_line(shared_plugin: Plugin) -
 
 def test_a_call_cancelled_by_its_caller_is_not_audited_as_ok(plugin: Plugin) -> None:
     """The caller gives up while the broker holds its Encrypt (stopped): audit and metrics say CANCELLED."""
-    assert plugin.broker is not None
-    os.kill(plugin.broker.pid, signal.SIGSTOP)
-    try:
+    with frozen_broker(plugin):
         call = plugin.stub.Encrypt.future(api_pb2.EncryptRequest(plaintext=os.urandom(32), uid="test"), timeout=10)
         time.sleep(1.0)  # the frontend has sent it to the broker and waits
         assert call.cancel()
         time.sleep(0.5)
-    finally:
-        os.kill(plugin.broker.pid, signal.SIGCONT)
     text = eventually(plugin, lambda text: metric(text, "keysealer_requests_total", method="Encrypt",
                                                   code="CANCELLED") == 1)
     with pytest.raises(AssertionError, match="no keysealer_requests_total"):
