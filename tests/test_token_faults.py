@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -16,19 +17,31 @@ from pkcs11_faults import FaultControl, install
 from keysealer.shared.process import EXIT_BAD_PIN
 
 # The frontend's call deadline (2.5 s) plus scheduling slack on a loaded 2-core machine.
-DEADLINE = 3.5
+DEADLINE_SLACK = 1.0
+DEADLINE = 2.5 + DEADLINE_SLACK
 RECOVERY_SECONDS = 20.0
+# The broker's promise: a worker still holding a call this long past the call's deadline is killed.
+STUCK_GRACE_SECONDS = 5.0
+STUCK_SLACK_SECONDS = 10.0  # the broker's poll, SIGKILL and reaping on a loaded machine
 
 
-@pytest.fixture
-def faulty(state_dir: Path) -> Iterator[tuple[Plugin, FaultControl]]:
+@contextlib.contextmanager
+def faulty_plugin(state_dir: Path, **config: Any) -> Iterator[tuple[Plugin, FaultControl]]:
+    """The real plugin, its broker's token behind the fault wrapper; config as Plugin.configure takes it."""
     plugin = Plugin(state_dir)
     faults = install(plugin, state_dir / "faults")
+    plugin.configure(**config)
     plugin.start()
     try:
         yield plugin, faults
     finally:
         plugin.stop()
+
+
+@pytest.fixture
+def faulty(state_dir: Path) -> Iterator[tuple[Plugin, FaultControl]]:
+    with faulty_plugin(state_dir) as running:
+        yield running
 
 
 def _under_load(plugin: Plugin, faults: FaultControl, function: str, rv: str, **cue: object) -> tuple[Load, int]:
@@ -132,6 +145,42 @@ def test_a_killed_worker_under_load_loses_no_call(faulty: tuple[Plugin, FaultCon
     while len(child_pids(plugin_pid)) < 2 or victim in child_pids(plugin_pid):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_a_worker_hung_in_the_token_is_killed_and_replaced(state_dir: Path) -> None:
+    call_timeout, count = 1.0, 2  # short, so the hung worker overruns its call's deadline by 5 s soon
+    with faulty_plugin(state_dir, broker={"workers": {"count": count}},
+                       frontend={"limits": {"call_timeout_seconds": call_timeout}}) as (plugin, faults):
+        assert plugin.broker is not None
+        broker_pid = plugin.broker.pid
+        deadline = time.monotonic() + RECOVERY_SECONDS
+        while len(workers := child_pids(broker_pid)) < count:  # workers log in one at a time
+            assert time.monotonic() < deadline, "the broker never started its workers"
+            time.sleep(0.1)
+        load = Load(plugin, callers=2)  # few: every OK Encrypt is decrypted again and looked for in the logs
+        time.sleep(0.5)
+        faults.set("C_Encrypt", delay_ms=60_000, count=1)  # one call never comes back (for a minute)
+        deadline = time.monotonic() + call_timeout + STUCK_GRACE_SECONDS + STUCK_SLACK_SECONDS
+        while set(child_pids(broker_pid)) >= set(workers):
+            assert time.monotonic() < deadline, "the worker hung in C_Encrypt was not killed in time"
+            time.sleep(0.1)
+        assert faults.fired("C_Encrypt") == 1
+        (victim,) = set(workers) - set(child_pids(broker_pid))
+        deadline = time.monotonic() + RECOVERY_SECONDS
+        while len(child_pids(broker_pid)) < count:  # replaced
+            assert time.monotonic() < deadline, "the killed worker was never replaced"
+            time.sleep(0.1)
+        plugin.wait_healthy(RECOVERY_SECONDS)
+        time.sleep(0.5)
+        # The hung call failed at its deadline, and no call outlived its own.
+        load.check(call_timeout + DEADLINE_SLACK)
+        assert "UNAVAILABLE" in load.failures()
+        assert "OK" in {code for code, _ in load.outcomes[-20:]}
+        killed = [line for line in plugin.log("broker.log").splitlines() if "past its deadline" in line]
+        assert len(killed) == 1 and str(victim) in killed[0], killed
+        for _ in range(4):  # reach both workers, the new one too
+            seed = os.urandom(32)
+            assert plugin.decrypt(plugin.encrypt(seed)) == seed
 
 
 def test_a_pin_refused_on_relogin_stops_the_broker_after_one_attempt(faulty: tuple[Plugin, FaultControl]) -> None:
