@@ -5,8 +5,9 @@ Not a test: it prints calls/s, latency percentiles, errors by gRPC code, CPU and
 compares the plugin with ceilings measured in the same run on the same machine and token:
 
 * (a) the in-process PKCS #11 rate: AES-256-GCM of 32 bytes through PyKCS11 on one session, no IPC;
-* (b) a plain grpc.aio echo server (the same KMS proto, Decrypt answering a fixed plaintext) on a Unix
-  socket, in its own process, driven by the same client at the same concurrency;
+* (b) a plain grpc.aio plugin doing AES-256-GCM in its own process (the same KMS proto, no token, no IPC)
+  on a Unix socket, driven by the same client at the same concurrency: the issue's "in-process ceiling"
+  (called "echo" in the report's keys for continuity);
 * and, to split the path in two, the broker alone: the frontend's own BrokerClient, in this process,
   sending unwrap straight to the broker over ZeroMQ (no gRPC, no frontend process).
 
@@ -57,6 +58,9 @@ IPC_TIMEOUT_SECONDS = 2.5  # the frontend's default limits.call_timeout_seconds
 READY_SECONDS = 60.0
 SEED_BYTES = 32
 ECHO_PLAINTEXT = b"\x5a" * SEED_BYTES
+# The in-process ceiling's AES key: a benchmark constant, so the client can build ciphertexts it opens.
+ECHO_KEY = bytes(range(32))
+ECHO_NONCE_BYTES = 12
 # Mix: 2 Encrypt, 2 Decrypt, 1 Status in every 5 calls (40/40/20), deterministic.
 MIX_PATTERN = ("encrypt", "decrypt", "status", "decrypt", "encrypt")
 DECRYPT_POOL = 256
@@ -67,7 +71,7 @@ QUIET_PERCENT = 15.0  # "others" below this share of one core counts as a quiet 
 NOISY_PERCENT = 25.0  # others + steal above this share of one core: the row is marked as disturbed
 
 # Targets from the project's performance issue.
-TARGET_ECHO_RATIO = 0.70
+TARGET_ECHO_RATIO = 0.60  # issue 15; the goal beyond it is 0.70
 TARGET_C1_P50_MS = 1.0
 TARGET_C1_P99_MS = 2.0
 TARGET_STORM_SIZE = 5000
@@ -346,9 +350,16 @@ class Sealed:
 
 
 def fake_pool(count: int) -> list[Sealed]:
-    """Requests of the real sizes for the echo server, which never looks at them."""
-    return [Sealed(ECHO_PLAINTEXT, b"\x01\x01" + os.urandom(16 + 12 + SEED_BYTES + 16), "ks1-" + "0" * 32,
-                   {"format.keysealer.io": b"1"}) for _ in range(count)]
+    """Requests of the real sizes for the in-process ceiling, sealed with its key."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aes = AESGCM(ECHO_KEY)
+
+    def seal() -> bytes:
+        nonce = os.urandom(ECHO_NONCE_BYTES)
+        return nonce + aes.encrypt(nonce, ECHO_PLAINTEXT, None)
+
+    return [Sealed(ECHO_PLAINTEXT, seal(), "ks1-" + "0" * 32, {"format.keysealer.io": b"1"}) for _ in range(count)]
 
 
 @dataclass
@@ -644,24 +655,32 @@ async def storm(stub: Stub, load: Load, socket: Path, size: int, concurrency: in
 # Ceilings
 
 
-class EchoService(api_pb2_grpc.KeyManagementServiceServicer):
-    """The KMS proto answered with constants: what grpc.aio costs without KeySealer behind it."""
+class InProcessAesService(api_pb2_grpc.KeyManagementServiceServicer):
+    """The KMS proto served by AES-256-GCM in this process: what a plugin costs with no token and no IPC."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aes = AESGCM(ECHO_KEY)
 
     async def Status(self, request: api_pb2.StatusRequest, context: object) -> api_pb2.StatusResponse:
         return api_pb2.StatusResponse(version="v2", healthz="ok", key_id="echo")
 
     async def Decrypt(self, request: api_pb2.DecryptRequest, context: object) -> api_pb2.DecryptResponse:
-        return api_pb2.DecryptResponse(plaintext=ECHO_PLAINTEXT)
+        nonce, sealed = request.ciphertext[:ECHO_NONCE_BYTES], request.ciphertext[ECHO_NONCE_BYTES:]
+        return api_pb2.DecryptResponse(plaintext=self._aes.decrypt(nonce, sealed, None))
 
     async def Encrypt(self, request: api_pb2.EncryptRequest, context: object) -> api_pb2.EncryptResponse:
-        return api_pb2.EncryptResponse(ciphertext=b"\x01" * 78, key_id="echo")
+        nonce = os.urandom(ECHO_NONCE_BYTES)
+        return api_pb2.EncryptResponse(ciphertext=nonce + self._aes.encrypt(nonce, request.plaintext, None),
+                                       key_id="echo")
 
 
 async def serve_echo(path: Path) -> None:
-    """--serve-echo: the echo server, with the frontend's server options (keysealer/frontend/server.py)."""
+    """--serve-echo: the in-process ceiling, with the frontend's server options (keysealer/frontend/server.py)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024)])
-    api_pb2_grpc.add_KeyManagementServiceServicer_to_server(EchoService(), server)
+    api_pb2_grpc.add_KeyManagementServiceServicer_to_server(InProcessAesService(), server)
     server.add_insecure_port(f"unix:{path}")
     await server.start()
     stop = asyncio.Event()
@@ -774,6 +793,7 @@ async def open_broker_client(frontend_config: Path) -> Any:
     deadline = time.monotonic() + 5.0
     while not client.connected and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
+    await client.health(5.0)  # as the frontend's first probe does: learns the workers' sockets and dials them
     return client
 
 
@@ -1041,7 +1061,7 @@ def print_ratios(report: Report) -> None:
     for conc in sorted({r.concurrency for r in report.echo}):
         e2e, echo = report.find("Decrypt", conc), report.find("echo Decrypt", conc, report.echo)
         if e2e and echo and echo.rate:
-            print(f"  Decrypt c={conc}: end-to-end {e2e.rate:,.0f}/s / echo ceiling {echo.rate:,.0f}/s"
+            print(f"  Decrypt c={conc}: end-to-end {e2e.rate:,.0f}/s / in-process ceiling {echo.rate:,.0f}/s"
                   f" = {e2e.rate / echo.rate:.2f}")
     for conc in sorted({r.concurrency for r in report.direct}):
         e2e, direct = report.find("Decrypt", conc), report.find("broker unwrap (no gRPC)", conc, report.direct)
@@ -1062,7 +1082,8 @@ def print_targets(report: Report) -> None:
     ratio = e2e.rate / echo.rate if e2e and echo and echo.rate else None
     disturbed = "  (a row behind this was disturbed by other load)"
     print(f"  [{verdict(None if ratio is None else ratio >= TARGET_ECHO_RATIO)}] Decrypt c=32 >= "
-          f"{TARGET_ECHO_RATIO:.0%} of the echo ceiling: " + (f"{ratio:.0%}" if ratio is not None else "not measured")
+          f"{TARGET_ECHO_RATIO:.0%} of the in-process ceiling: "
+          + (f"{ratio:.0%}" if ratio is not None else "not measured")
           + (disturbed if (e2e and e2e.noisy) or (echo and echo.noisy) else ""))
     c1 = report.find("Decrypt", 1)
     if c1:
@@ -1191,8 +1212,8 @@ class Bench:
 
     async def ceiling_echo(self) -> None:
         s = self.settings
-        print("\n== Ceiling (b): grpc.aio echo server in its own process (same proto and server options; Decrypt "
-              "answers a fixed plaintext), same client ==")
+        print("\n== Ceiling (b): grpc.aio server doing AES-256-GCM in its own process (same proto and server "
+              "options; no token, no IPC), same client ==")
         print_header()
         path = self.root / "echo.sock"
         process = spawn([sys.executable, str(Path(__file__).resolve()), "--serve-echo", str(path)],

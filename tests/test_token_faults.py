@@ -14,6 +14,7 @@ import pytest
 from harness import Load, Plugin, child_pids, rss_kib
 from pkcs11_faults import FaultControl, install
 
+from keysealer.frontend.kmsv2 import api_pb2
 from keysealer.shared.process import EXIT_BAD_PIN
 
 # The frontend's call deadline (2.5 s) plus scheduling slack on a loaded 2-core machine.
@@ -70,8 +71,6 @@ def test_session_faults_cost_no_call(faulty: tuple[Plugin, FaultControl], functi
 
 
 def test_a_session_left_with_an_active_operation_is_replaced(faulty: tuple[Plugin, FaultControl]) -> None:
-    from keysealer.frontend.kmsv2 import api_pb2
-
     plugin, faults = faulty
     # As tpm2-pkcs11 does: a failed decrypt leaves the operation active on its session.
     faults.set("C_Decrypt", sticky_operation=True, always=True)
@@ -181,6 +180,48 @@ def test_a_worker_hung_in_the_token_is_killed_and_replaced(state_dir: Path) -> N
         for _ in range(4):  # reach both workers, the new one too
             seed = os.urandom(32)
             assert plugin.decrypt(plugin.encrypt(seed)) == seed
+
+
+SLEEP_SYSCALLS = frozenset({35, 230})  # nanosleep, clock_nanosleep (x86-64): the wrapper's delay
+
+
+def _sleeping_in_the_token(pids: list[int]) -> list[int]:
+    """The workers whose main thread sleeps in the fault wrapper's delay (an idle worker polls its sockets)."""
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            if int(Path(f"/proc/{pid}/task/{pid}/syscall").read_text().split()[0]) in SLEEP_SYSCALLS:
+                found.append(pid)
+    return found
+
+
+def test_a_call_whose_worker_dies_under_it_runs_again_on_another(state_dir: Path) -> None:
+    """The frontend knows which worker holds each call: when that worker dies mid-call, the call runs once
+    more on another worker and its caller sees nothing but a slower answer."""
+    with faulty_plugin(state_dir, broker={"workers": {"count": 2}},
+                       frontend={"limits": {"call_timeout_seconds": 8.0},
+                                 # no probe's unwrap may take the delayed C_Decrypt instead of the test's
+                                 "health": {"probe_interval_seconds": 300.0}}) as (plugin, faults):
+        assert plugin.broker is not None
+        deadline = time.monotonic() + RECOVERY_SECONDS
+        while len(workers := child_pids(plugin.broker.pid)) < 2:
+            assert time.monotonic() < deadline, "the broker never started its workers"
+            time.sleep(0.1)
+        seed = os.urandom(32)
+        sealed = plugin.encrypt(seed)
+        faults.set("C_Decrypt", delay_ms=30_000, count=1)  # the next Decrypt stays in the token
+        started = time.monotonic()
+        call = plugin.stub.Decrypt.future(api_pb2.DecryptRequest(ciphertext=sealed.ciphertext, key_id=sealed.key_id,
+                                                                 uid="test", annotations=sealed.annotations),
+                                          timeout=8.0)
+        deadline = time.monotonic() + 5
+        while not (holding := _sleeping_in_the_token(workers)):
+            assert time.monotonic() < deadline, "no worker took the call"
+            time.sleep(0.01)
+        os.kill(holding[0], signal.SIGKILL)
+        assert call.result().plaintext == seed  # the retry: without it, UNAVAILABLE "worker exited"
+        assert time.monotonic() - started < 8.0 + DEADLINE_SLACK
+        assert faults.fired("C_Decrypt") == 1  # the delay held the test's call, and only it
 
 
 def test_a_pin_refused_on_relogin_stops_the_broker_after_one_attempt(faulty: tuple[Plugin, FaultControl]) -> None:
