@@ -48,11 +48,9 @@ FIRST_CONNECT_WAIT_SECONDS = 1.0
 FIRST_CONNECT_POLL_SECONDS = 0.01
 # A worker's answers that mean "not run here, may run elsewhere": the call goes once to another worker.
 _RUN_ELSEWHERE = frozenset({ErrorCode.TOKEN_UNAVAILABLE})
+_SUPERVISOR_LOST = "lost the connection to the broker"
+_WORKER_LOST = "broker worker exited during the call"
 R = TypeVar("R")
-
-
-class _LinkLost(Exception):
-    """The connection a call was sent on dropped before its reply came."""
 
 
 @dataclass(eq=False)
@@ -65,8 +63,9 @@ class _Link:
     """One connection to one broker socket (the supervisor's or a worker's), watched by its own monitor."""
 
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str, own_key: KeyPair,
-                 broker_public_key: bytes, reports: bool) -> None:
+                 broker_public_key: bytes, *, lost: tuple[ErrorCode, str], reports: bool) -> None:
         self._endpoint = endpoint
+        self._lost = lost  # what its calls fail with when the connection drops under them
         self._reports = reports  # the supervisor's link speaks for all: workers' links do not log
         self._socket = context.socket(zmq.DEALER)
         self._socket.curve_publickey = own_key.public
@@ -99,6 +98,9 @@ class _Link:
         self._failed_handshakes = 0
         # Counts lost connections: a health probe only vouches for the connection it ran on.
         self.epoch = 0
+
+    def lost(self) -> KeySealerError:
+        return KeySealerError(*self._lost)  # a fresh one each time: a raised exception keeps its traceback
 
     def start(self) -> None:
         self._socket.connect(self._endpoint)
@@ -181,7 +183,7 @@ class _Link:
             calls, self.calls = self.calls, {}
             for call in calls.values():
                 if not call.future.done():
-                    call.future.set_exception(_LinkLost())
+                    call.future.set_exception(self.lost())
 
     def _note_failed_handshake(self) -> None:
         """A connection that closes before its handshake completed: the broker could not read our CURVE
@@ -209,7 +211,8 @@ class BrokerClient:
         self._own_key = own_key
         self._broker_key = broker_public_key
         self.context = zmq.Context()
-        self._supervisor = _Link(self.context, f"ipc://{socket_path}", own_key, broker_public_key, reports=True)
+        self._supervisor = _Link(self.context, f"ipc://{socket_path}", own_key, broker_public_key,
+                                 lost=(ErrorCode.BROKER_UNAVAILABLE, _SUPERVISOR_LOST), reports=True)
         self._workers: list[_Link] = []  # one per slot the broker reported, in slot order
         self._worker_states: tuple[ipc_schema.WorkerHealth, ...] = ()  # as the last health answer gave them
         self._ids = itertools.count(1)
@@ -247,10 +250,7 @@ class BrokerClient:
 
     async def health(self, timeout: float) -> ipc_schema.HealthResult:
         started = time.monotonic()
-        try:
-            reply = await self._exchange(self._supervisor, ipc_schema.HealthRequest, started + timeout)
-        except _LinkLost:
-            raise KeySealerError(ErrorCode.BROKER_UNAVAILABLE, "lost the connection to the broker") from None
+        reply = await self._exchange(self._supervisor, ipc_schema.HealthRequest, started + timeout)
         self._metrics.broker_seconds.labels("health").observe(time.monotonic() - started)
         result = _expect(reply, ipc_schema.HealthResult)
         self._learn_workers(result.workers)
@@ -262,7 +262,8 @@ class BrokerClient:
         self._worker_states = workers
         while self._started and len(self._workers) < len(workers):
             path = worker_socket_path(self._socket_path, len(self._workers))
-            link = _Link(self.context, f"ipc://{path}", self._own_key, self._broker_key, reports=False)
+            link = _Link(self.context, f"ipc://{path}", self._own_key, self._broker_key,
+                         lost=(ErrorCode.WORKER_LOST, _WORKER_LOST), reports=False)
             link.start()
             self._workers.append(link)
         for link, worker in zip(self._workers, workers, strict=False):
@@ -279,9 +280,10 @@ class BrokerClient:
             link = await self._worker_for(tried, deadline)
             try:
                 reply = await self._exchange(link, build, deadline)
-            except _LinkLost:
-                if tried is not None or time.monotonic() >= deadline:
-                    raise KeySealerError(ErrorCode.WORKER_LOST, "broker worker exited during the call") from None
+            except KeySealerError as exc:
+                # Only a dropped connection says worker_lost here (a worker's own answers are replies).
+                if exc.code is not ErrorCode.WORKER_LOST or tried is not None or time.monotonic() >= deadline:
+                    raise
                 tried = link
                 continue
             if isinstance(reply, ipc_schema.ErrorReply) and reply.code in _RUN_ELSEWHERE:
@@ -316,7 +318,7 @@ class BrokerClient:
         if candidates:
             return min(candidates, key=lambda link: len(link.calls))
         if avoid is not None:
-            raise KeySealerError(ErrorCode.WORKER_LOST, "broker worker exited during the call")
+            raise KeySealerError(ErrorCode.WORKER_LOST, _WORKER_LOST)
         if not self.connected:
             raise KeySealerError(ErrorCode.BROKER_UNAVAILABLE, _NOT_CONNECTED)
         reasons = [w.reason for w in self._worker_states
@@ -329,7 +331,8 @@ class BrokerClient:
 
     async def _exchange(self, link: _Link, build: Callable[[int, int], ipc_schema.Request],
                         deadline: float) -> ipc_schema.Reply:
-        """Send one request on `link` and wait for its reply until `deadline`; raises _LinkLost."""
+        """Send one request on `link` and wait for its reply until `deadline`; raises `link.lost` when the
+        connection drops first."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
@@ -345,7 +348,7 @@ class BrokerClient:
                 # means the connection is gone even if its monitor has not told us yet.
                 if link is self._supervisor:
                     raise KeySealerError(ErrorCode.BROKER_UNAVAILABLE, _NOT_CONNECTED) from None
-                raise _LinkLost from None
+                raise link.lost() from None
             async with asyncio.timeout(remaining):
                 return await future
         finally:

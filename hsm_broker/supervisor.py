@@ -50,6 +50,9 @@ STOP_GRACE_SECONDS = 2.0
 # A worker still holding a call this long after its deadline is hung (a PKCS #11 call that never returns,
 # a frozen process): it is killed and replaced, so it cannot hold capacity forever.
 STUCK_GRACE_SECONDS = 5.0
+# A ready worker goes round its loop at least once a second; one silent this long between calls is frozen
+# or hung (in a key-set read, say) and would leave the calls sent to it unanswered: killed and replaced too.
+SILENT_LIMIT_SECONDS = 10.0
 # Exit codes after which restarting a worker cannot help and could lock the token.
 FATAL_WORKER_EXITS = frozenset({EXIT_BAD_PIN, EXIT_USAGE})
 STARTING = worker_protocol.WorkerStatus(WorkerState.STARTING, "starting", "", ())
@@ -196,6 +199,7 @@ class Supervisor:
                 self._drain(self._zap, self._answer_zap)
             if self._back in events:
                 self._drain(self._back, self._on_worker_message)
+                self._send_control()  # workers hear of a new agreed key before any health answer names it
             if self._front in events:
                 self._drain(self._front, self._on_client_message)
             self._kill_stuck_workers()
@@ -243,7 +247,7 @@ class Supervisor:
     def _fork_worker(self, slot: WorkerSlot) -> None:
         supervisor_pid = os.getpid()
         assert slot.listener is not None and self._server is not None  # bound before any fork
-        self._board.clear(slot.index)
+        self._board.clear(slot.index, time.monotonic())
         seat = WorkerSeat(slot.index, slot.listener.fileno(), str(worker_socket_path(self.config.ipc.socket,
                                                                                      slot.index)),
                           self._server, self._policy, self._board)
@@ -276,9 +280,14 @@ class Supervisor:
     def _kill_stuck_workers(self) -> None:
         now = time.monotonic()
         for slot in self._slots:
-            overrun = self._board.overrun(slot.index, now) if slot.pid and not slot.killed else 0.0
+            if not slot.pid or slot.killed:
+                continue
+            overrun = self._board.overrun(slot.index, now)
+            silent = self._board.silent(slot.index, now) if slot.status.state is not WorkerState.STARTING else 0.0
             if overrun > STUCK_GRACE_SECONDS:
                 self._kill(slot, f"held a call {overrun:.0f}s past its deadline")
+            elif silent > SILENT_LIMIT_SECONDS:
+                self._kill(slot, f"has not gone round its loop for {silent:.0f}s")
 
     def _kill(self, slot: WorkerSlot, why: str) -> None:
         """SIGKILL a worker that cannot be trusted to go on. Its connections close with it, so the frontend
@@ -307,7 +316,7 @@ class Supervisor:
         del self._by_routing_id[routing_id]
         slot.pid = 0
         self._busy_us_before += self._board.busy_us(slot.index, time.monotonic())
-        self._board.clear(slot.index)
+        self._board.clear(slot.index, time.monotonic())
         self._refresh_current_key()
         if not restart:
             return

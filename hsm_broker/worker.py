@@ -10,11 +10,12 @@ on the call board (so the supervisor can kill it when stuck) and wraps with the 
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import PyKCS11
 import zmq
@@ -49,6 +50,9 @@ UNKNOWN_KEY_REFRESH_SECONDS = 1.0
 STATS_INTERVAL_SECONDS = 1.0
 # Requests read per wake-up before the worker looks at its other sockets again.
 DRAIN_LIMIT = 64
+# The longest a worker waits between turns of its loop, each marked on the call board: the supervisor
+# takes a worker silent for much longer for frozen or hung (supervisor.SILENT_LIMIT_SECONDS).
+BEAT_SECONDS = 1.0
 
 
 class Worker:
@@ -92,6 +96,7 @@ class Worker:
                 if self._opened_before:
                     self._wait_backoff()
                 self._opened_before = True
+                self._seat.board.beat(self._seat.slot, math.inf)  # a login has no bound of its own
                 try:
                     with self._timed(TokenOperation.LOGIN, NO_MECHANISM):
                         self._token = self._open()
@@ -231,7 +236,8 @@ class Worker:
 
     def _serve(self, timeout_ms: int) -> None:
         """Wait up to `timeout_ms` for the supervisor, a connection to check, or requests; handle them."""
-        events = dict(self._poller.poll(timeout_ms))
+        self._seat.board.beat(self._seat.slot, time.monotonic())
+        events = dict(self._poller.poll(min(timeout_ms, int(BEAT_SECONDS * 1000))))
         if self._socket in events:
             self._on_control()
         if self._zap in events:
@@ -242,10 +248,12 @@ class Worker:
                     frames = self._requests.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                if _readable(self._socket):
+                    self._on_control()  # a new agreed key applies from the next request on
                 self._serve_request(self._requests, frames)
 
     def _on_control(self) -> None:
-        while self._socket.poll(0):
+        while _readable(self._socket):
             # Anything the supervisor sends outside the table is a bug: ProtocolViolation ends this worker.
             message = worker_protocol.decode_control(self._socket.recv_multipart())
             if isinstance(message, worker_protocol.RefreshKeys):
@@ -335,6 +343,10 @@ class Worker:
         if key is None:
             raise KeySealerError(code, missing)
         return key
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def _mechanism_name(key: TokenKey) -> str:

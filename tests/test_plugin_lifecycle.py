@@ -204,6 +204,23 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(plugin: Plugin)
     assert survivor in replaced and victim not in replaced and len(replaced) == 2
 
 
+def test_a_frozen_idle_worker_is_killed_and_replaced(plugin: Plugin) -> None:
+    """A worker frozen between calls answers nothing sent to it: the supervisor sees it stop going round its
+    loop (the call board) and replaces it, as it does a worker stuck in a call."""
+    assert plugin.broker is not None
+    victim, _ = child_pids(plugin.broker.pid)
+    os.kill(victim, signal.SIGSTOP)
+    deadline = time.monotonic() + 10 + 15  # the supervisor's silence limit, then slack for a loaded machine
+    while victim in (workers := child_pids(plugin.broker.pid)) or len(workers) < 2:
+        assert time.monotonic() < deadline, "the frozen worker was not replaced"
+        time.sleep(0.2)
+    assert f"worker {victim} has not gone round its loop" in plugin.log("broker.log")
+    plugin.wait_healthy()
+    for _ in range(4):  # both workers, the new one too
+        seed = os.urandom(32)
+        assert plugin.decrypt(plugin.encrypt(seed, timeout=10), timeout=10) == seed
+
+
 def test_wrong_pin_exits_with_its_own_code_once_without_retrying(plugin: Plugin) -> None:
     plugin.stop()
     plugin.layout.pin.write_text("not-the-pin\n")
