@@ -37,6 +37,20 @@ class WorkerSeat:
     board: CallBoard
 
 
+def take_request(sock: zmq.Socket[bytes], frames: list[bytes],
+                 endpoint: ipc_schema.Endpoint) -> tuple[bytes, ipc_schema.Request] | None:
+    """The peer and the request in `frames`, read from `sock` at `endpoint`; None once any refusal is sent."""
+    if len(frames) != 2:
+        return None  # not a DEALER-framed request: nothing to answer
+    peer, frame = frames
+    request = ipc_schema.admit_request(frame, endpoint)
+    if isinstance(request, ipc_schema.Refusal):
+        if request.reply is not None:
+            sock.send_multipart([peer, request.reply])
+        return None
+    return peer, request
+
+
 def secure_listener(sock: zmq.Socket[bytes], server: KeyPair, receive_hwm: int) -> None:
     """Options for a socket the frontend connects to, set before its bind."""
     sock.setsockopt(zmq.LINGER, 0)

@@ -25,7 +25,7 @@ from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.call_board import CallBoard
 from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.ipc_auth import ZAP_ENDPOINT, PeerPolicy, zap_reply
-from keysealer.hsm_broker.listener import BACKLOG, SEND_HWM, WorkerSeat, secure_listener
+from keysealer.hsm_broker.listener import BACKLOG, SEND_HWM, WorkerSeat, secure_listener, take_request
 from keysealer.hsm_broker.rate_limit import RateLimit
 from keysealer.hsm_broker.worker_protocol import ProtocolViolation, WorkerStatus, worker_routing_id
 from keysealer.shared import ipc_schema
@@ -380,14 +380,10 @@ class Supervisor:
         self._zap.send_multipart(zap_reply(frames, self._policy))
 
     def _on_client_message(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            return  # not a DEALER-framed request: nothing to answer
-        client, frame = frames
-        request = ipc_schema.admit_request(frame, ipc_schema.Endpoint.SUPERVISOR)
-        if isinstance(request, ipc_schema.Refusal):
-            if request.reply is not None:
-                self._front.send_multipart([client, request.reply])
+        taken = take_request(self._front, frames, ipc_schema.Endpoint.SUPERVISOR)
+        if taken is None:
             return
+        client, request = taken
         # Bounded here: a peer asking in a loop gets short refusals, not full reports.
         if not self._health_limit.allow():
             reply: ipc_schema.Reply = ipc_schema.ErrorReply(request.id, ErrorCode.BUSY, "too many health requests")

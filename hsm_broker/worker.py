@@ -23,7 +23,7 @@ import zmq
 from keysealer.hsm_broker import worker_protocol
 from keysealer.hsm_broker.config import BrokerConfig
 from keysealer.hsm_broker.ipc_auth import ZAP_ENDPOINT, zap_reply
-from keysealer.hsm_broker.listener import WorkerSeat, secure_listener
+from keysealer.hsm_broker.listener import WorkerSeat, secure_listener, take_request
 from keysealer.hsm_broker.mechanisms import MECHANISMS
 from keysealer.hsm_broker.pin import read_pin
 from keysealer.hsm_broker.token import SESSION_ERRORS, UNKNOWN_KEY_MESSAGE, Token, TokenKey, open_token
@@ -273,14 +273,10 @@ class Worker:
         self._requests = sock
 
     def _serve_request(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            return  # not a DEALER-framed request: nothing to answer
-        peer, frame = frames
-        request = ipc_schema.admit_request(frame, ipc_schema.Endpoint.WORKER)
-        if isinstance(request, ipc_schema.Refusal):
-            if request.reply is not None:
-                sock.send_multipart([peer, request.reply])
+        taken = take_request(sock, frames, ipc_schema.Endpoint.WORKER)
+        if taken is None:
             return
+        peer, request = taken
         board, slot = self._seat.board, self._seat.slot
         started = time.monotonic()
         board.begin(slot, started, started + request.ttl_ms / 1000)
