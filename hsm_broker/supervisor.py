@@ -53,6 +53,9 @@ STUCK_GRACE_SECONDS = 5.0
 # A ready worker goes round its loop at least once a second; one silent this long between calls is frozen
 # or hung (in a key-set read, say) and would leave the calls sent to it unanswered: killed and replaced too.
 SILENT_LIMIT_SECONDS = 10.0
+# A loop turn this much later than its poll allows means we ourselves were stopped (SIGSTOP, a paused VM,
+# a starved machine): workers are then judged only on time we saw pass since (they were stopped too).
+OWN_GAP_SECONDS = 1.0
 # Exit codes after which restarting a worker cannot help and could lock the token.
 FATAL_WORKER_EXITS = frozenset({EXIT_BAD_PIN, EXIT_USAGE})
 STARTING = worker_protocol.WorkerStatus(WorkerState.STARTING, "starting", "", ())
@@ -116,6 +119,7 @@ class Supervisor:
             worker_protocol.STATS: WorkerMessageKind(worker_protocol.decode_stats, self._on_stats),
         }
         self._backend = f"ipc://{self.config.ipc.worker_socket}"
+        self._last_turn = self._watching_since = time.monotonic()
 
     def run(self) -> int:
         try:
@@ -279,11 +283,16 @@ class Supervisor:
 
     def _kill_stuck_workers(self) -> None:
         now = time.monotonic()
+        if now - self._last_turn > POLL_MS / 1000 + OWN_GAP_SECONDS:
+            self._watching_since = now
+        self._last_turn = now
+        watched = now - self._watching_since
         for slot in self._slots:
             if not slot.pid or slot.killed:
                 continue
-            overrun = self._board.overrun(slot.index, now)
+            overrun = min(self._board.overrun(slot.index, now), watched)
             silent = self._board.silent(slot.index, now) if slot.status.state is not WorkerState.STARTING else 0.0
+            silent = min(silent, watched)
             if overrun > STUCK_GRACE_SECONDS:
                 self._kill(slot, f"held a call {overrun:.0f}s past its deadline")
             elif silent > SILENT_LIMIT_SECONDS:

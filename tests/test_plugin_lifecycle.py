@@ -221,6 +221,22 @@ def test_a_frozen_idle_worker_is_killed_and_replaced(plugin: Plugin) -> None:
         assert plugin.decrypt(plugin.encrypt(seed, timeout=10), timeout=10) == seed
 
 
+def test_a_broker_frozen_whole_for_longer_than_the_silence_limit_keeps_its_workers(plugin: Plugin) -> None:
+    """A paused machine or a stopped cgroup freezes the supervisor with its workers: on thaw it must not take
+    the workers' silence (which it did not see pass) for a hang and kill them all."""
+    assert plugin.broker is not None
+    workers = child_pids(plugin.broker.pid)
+    with frozen_broker(plugin):
+        time.sleep(10 + 2)  # past the supervisor's silence limit
+        os.kill(plugin.broker.pid, signal.SIGCONT)  # the supervisor first: it looks before any worker beats
+        time.sleep(0.5)
+    time.sleep(3)  # several of its loop turns, and the workers' own
+    assert child_pids(plugin.broker.pid) == workers
+    assert "has not gone round its loop" not in plugin.log("broker.log")
+    seed = os.urandom(32)
+    assert plugin.decrypt(plugin.encrypt(seed, timeout=10), timeout=10) == seed
+
+
 def test_wrong_pin_exits_with_its_own_code_once_without_retrying(plugin: Plugin) -> None:
     plugin.stop()
     plugin.layout.pin.write_text("not-the-pin\n")
