@@ -313,8 +313,11 @@ class BrokerClient:
         return any(link.connected and link.vouched for link in self._workers if link is not avoid)
 
     def _pick_worker(self, avoid: _Link | None) -> _Link:
-        """The usable worker with the fewest calls outstanding (`avoid`: the one that could not run it)."""
-        candidates = [link for link in self._workers if link is not avoid and link.connected and link.vouched]
+        """The vouched-for worker with the fewest calls outstanding (`avoid`: the one that could not run it).
+        With none vouched for, any connected one: a worker that lost the token answers at once either way,
+        and one that has recovered serves before the next health answer says so."""
+        connected = [link for link in self._workers if link is not avoid and link.connected]
+        candidates = [link for link in connected if link.vouched] or connected
         if candidates:
             return min(candidates, key=lambda link: len(link.calls))
         if avoid is not None:

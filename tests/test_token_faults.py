@@ -224,6 +224,27 @@ def test_a_call_whose_worker_dies_under_it_runs_again_on_another(state_dir: Path
         assert faults.fired("C_Decrypt") == 1  # the delay held the test's call, and only it
 
 
+def test_a_lone_worker_that_lost_the_token_serves_again_once_it_reopened(state_dir: Path) -> None:
+    """A worker answers token_unavailable when the token fails under it, then reopens it within its backoff.
+    The frontend, told nothing new by health meanwhile (a long probe interval), must not keep refusing."""
+    with faulty_plugin(state_dir, broker={"workers": {"count": 1}},
+                       frontend={"health": {"probe_interval_seconds": 300.0}}) as (plugin, faults):
+        seed = os.urandom(32)
+        sealed = plugin.encrypt(seed)
+        faults.set("C_Decrypt", "CKR_DEVICE_ERROR", count=1)  # the worker drops its login and reopens
+        with pytest.raises(grpc.RpcError) as failure:
+            plugin.decrypt(sealed)
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        deadline = time.monotonic() + RECOVERY_SECONDS / 2  # the worker's backoff is 0.5 s
+        while True:
+            try:
+                assert plugin.decrypt(sealed) == seed
+                break
+            except grpc.RpcError as exc:
+                assert time.monotonic() < deadline, f"still refused: {exc.details()}"
+                time.sleep(0.2)
+
+
 def test_a_pin_refused_on_relogin_stops_the_broker_after_one_attempt(faulty: tuple[Plugin, FaultControl]) -> None:
     plugin, faults = faulty
     assert plugin.broker is not None
