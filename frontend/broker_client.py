@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -35,6 +35,7 @@ from keysealer.shared.errors import ErrorCode, KeySealerError
 from keysealer.shared.ipc_keys import KeyPair
 from keysealer.shared.ipc_schema import WorkerState
 from keysealer.shared.socket_path import worker_socket_path
+from keysealer.shared.zmq_readiness import message_waiting
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class _Link:
 
     def _read_replies(self) -> None:
         self._read_scheduled = False
-        while _readable(self._socket):
+        while message_waiting(self._socket):
             frame = self._socket.recv(zmq.NOBLOCK)
             try:
                 reply, op = ipc_schema.decode_reply_and_op(frame)
@@ -152,7 +153,7 @@ class _Link:
                 call.future.set_result(reply)
 
     def _read_events(self) -> None:
-        while _readable(self._monitor):
+        while message_waiting(self._monitor):
             self._on_event(parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"])
 
     def _on_event(self, event: int) -> None:
@@ -357,13 +358,6 @@ class BrokerClient:
         finally:
             # A reply arriving after this is discarded by _read_replies: nobody waits for it.
             link.calls.pop(request.id, None)
-
-
-def _readable(socket: zmq.Socket[bytes]) -> bool:
-    """Whether a message waits (False once closed: a read scheduled before close() may run after it).
-    Asking also processes ZeroMQ's pending commands, which resets the descriptor, so a drain that ends
-    here is signalled again by the next arrival."""
-    return not socket.closed and bool(cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def _expect(reply: ipc_schema.Reply, kind: type[R]) -> R:

@@ -324,8 +324,7 @@ class Supervisor:
         routing_id = slot.routing_id
         del self._by_routing_id[routing_id]
         slot.pid = 0
-        self._busy_us_before += self._board.busy_us(slot.index, time.monotonic())
-        self._board.clear(slot.index, time.monotonic())
+        self._busy_us_before += self._board.busy_us(slot.index, time.monotonic())  # its row is cleared at the next fork
         self._refresh_current_key()
         if not restart:
             return

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any
 
 import PyKCS11
 import zmq
@@ -33,6 +33,7 @@ from keysealer.shared.errors import BadPin, ErrorCode, KeySealerError, TokenUnav
 from keysealer.shared.ipc_schema import WorkerState
 from keysealer.shared.process import exit_code_for
 from keysealer.shared.sandbox import lock_down
+from keysealer.shared.zmq_readiness import message_waiting
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +249,12 @@ class Worker:
                     frames = self._requests.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if _readable(self._socket):
+                if message_waiting(self._socket):
                     self._on_control()  # a new agreed key applies from the next request on
                 self._serve_request(self._requests, frames)
 
     def _on_control(self) -> None:
-        while _readable(self._socket):
+        while message_waiting(self._socket):
             # Anything the supervisor sends outside the table is a bug: ProtocolViolation ends this worker.
             message = worker_protocol.decode_control(self._socket.recv_multipart())
             if isinstance(message, worker_protocol.RefreshKeys):
@@ -339,10 +340,6 @@ class Worker:
         if key is None:
             raise KeySealerError(code, missing)
         return key
-
-
-def _readable(sock: zmq.Socket[bytes]) -> bool:
-    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def _mechanism_name(key: TokenKey) -> str:
